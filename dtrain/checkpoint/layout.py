@@ -1,0 +1,125 @@
+"""Names and files of the checkpoint directory (CONTRACT section 4), and reading/verifying them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dtrain.utils import atomic_write_text, fsync_path
+
+FORMAT = "dtrain-checkpoint/1"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+LATEST = "latest"
+BEST = "best"
+STEP_DIR = re.compile(r"^step_(\d{9})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:09d}"
+
+
+def temp_dir_name(step: int) -> str:
+    return f".tmp-{step_dir_name(step)}"
+
+
+def parse_step(name: str) -> int | None:
+    match = STEP_DIR.match(name)
+    return int(match.group(1)) if match else None
+
+
+def step_dirs(checkpoints_dir: Path) -> list[Path]:
+    """Committed-looking checkpoint directories (never dot-names), oldest step first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and parse_step(p.name) is not None]
+    return sorted(found, key=lambda p: parse_step(p.name))
+
+
+def read_pointer(checkpoints_dir: Path, name: str) -> str | None:
+    try:
+        value = (checkpoints_dir / name).read_text().strip()
+    except OSError:
+        return None
+    return value if parse_step(value) is not None else None
+
+
+def write_pointer(checkpoints_dir: Path, name: str, target: str) -> None:
+    atomic_write_text(checkpoints_dir / name, target + "\n")
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def _file_digest(path: Path, fsync: bool = False) -> tuple[int, str]:
+    """Size and sha256 of a file; with `fsync`, also flushes it to disk (before a commit)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            digest.update(chunk)
+        if fsync:
+            os.fsync(f.fileno())
+        size = f.tell()
+    return size, digest.hexdigest()
+
+
+def checkpoint_files(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(path: Path, step: int) -> int:
+    """Hashes and fsyncs every file, then writes manifest.json last. Returns the total bytes."""
+    names = checkpoint_files(path)
+    with ThreadPoolExecutor(max_workers=min(4, max(1, len(names)))) as pool:
+        digests = list(pool.map(lambda n: _file_digest(path / n, fsync=True), names))
+    files = {name: {"size": size, "sha256": sha} for name, (size, sha) in zip(names, digests)}
+    manifest = {"format": FORMAT, "step": step, "files": files,
+                "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1))
+    for sub in {(path / n).parent for n in names}:
+        fsync_path(sub)
+    return sum(size for size, _ in digests)
+
+
+@dataclass
+class Verification:
+    ok: bool
+    reason: str = ""
+    bytes: int = 0
+
+
+def verify_checkpoint(path: Path, checksums: bool = False) -> Verification:
+    """Checks that every file the manifest lists is there with its size (and sha256 when asked)."""
+    path = Path(path)
+    if not path.is_dir():
+        return Verification(False, f"{path} is not a directory")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        return Verification(False, f"{MANIFEST} is missing (the save did not finish)")
+    except (OSError, ValueError) as exc:
+        return Verification(False, f"{MANIFEST} is unreadable: {exc}")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        return Verification(False, f"{MANIFEST} is not a {FORMAT} manifest")
+    if TRAINER_STATE not in manifest["files"]:
+        return Verification(False, f"{TRAINER_STATE} is not listed in the manifest")
+    total = 0
+    for name, meta in sorted(manifest["files"].items()):
+        file = path / name
+        try:
+            size = file.stat().st_size
+        except OSError:
+            return Verification(False, f"{name} is missing")
+        if size != meta.get("size"):
+            return Verification(False, f"{name} has {size} bytes, the manifest says {meta.get('size')}")
+        if checksums and _file_digest(file)[1] != meta.get("sha256"):
+            return Verification(False, f"{name} does not match its sha256 in the manifest")
+        total += size
+    return Verification(True, "", total)

@@ -1,0 +1,205 @@
+"""The CheckpointManager: atomic, verified checkpoints through Accelerate's save_state/load_state.
+
+The commit protocol (DESIGN.md):
+  1. rank 0 creates a fresh `.tmp-step_N` (one deterministic name shared by all ranks); agreement
+  2. every rank calls `save_state` into it; rank 0 adds `trainer_state.json`; agreement
+  3. rank 0 hashes and fsyncs every file, writes `manifest.json` last, renames the temp dir to `step_N`,
+     fsyncs `checkpoints/` and replaces the `latest` (and `best`) pointers atomically; agreement
+  4. rank 0 applies retention: rename to a `.trash-` name, then remove.
+Each "agreement" is an all-reduce of an ok flag, so a rank that failed never leaves the others waiting in a
+barrier, and every rank raises the same CheckpointError. A directory without a leading dot is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+from dtrain import rng
+from dtrain.checkpoint.layout import (BEST, LATEST, TRAINER_STATE, parse_step, read_trainer_state,
+                                      step_dir_name, step_dirs, temp_dir_name, verify_checkpoint, write_manifest,
+                                      write_pointer)
+from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, best_checkpoint, checkpoints_to_delete
+from dtrain.distributed import all_ranks_ok, barrier
+from dtrain.errors import CheckpointError
+from dtrain.utils import fsync_path
+
+logger = get_logger(__name__)
+
+# Points of the protocol after which tests inject faults (see `_reached`).
+STAGES = ("temp_created", "state_written", "manifest_written", "renamed", "pointers_written", "retention_done")
+
+
+@dataclass
+class SaveReport:
+    step: int
+    path: Path
+    bytes: int
+    blocking_seconds: float
+    total_seconds: float
+    deleted: list[str] = field(default_factory=list)
+
+
+class CheckpointManager:
+    """Saves, loads and prunes the checkpoints of one run directory. Call `save`/`load` on every rank."""
+
+    def __init__(self, accelerator: Accelerator, checkpoints_dir: str | Path,
+                 policy: RetentionPolicy = RetentionPolicy(), monitor: str = "val_loss",
+                 verify_checksums: bool = False):
+        self.accelerator = accelerator
+        self.dir = Path(checkpoints_dir)
+        self.policy = policy
+        self.monitor = monitor
+        self.verify_checksums = verify_checksums
+        self.resumed_from: int | None = None
+        self.last_saved_step: int | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # ----------------------------------------------------------------------------------------- start-up
+
+    def clean_stale(self) -> None:
+        """Removes temp and trash directories that a crash left behind (rank 0), then waits for it."""
+        if self.is_main and self.dir.is_dir():
+            for path in self.dir.iterdir():
+                if path.name.startswith((".tmp-", ".trash-")):
+                    _remove(path)
+        barrier()
+
+    def discard_all(self) -> int:
+        """For `--overwrite`: moves every checkpoint and pointer out of the way (rank 0). Returns how many."""
+        existing = step_dirs(self.dir)
+        if self.is_main:
+            for pointer in (LATEST, BEST):
+                (self.dir / pointer).unlink(missing_ok=True)
+            for path in existing:
+                _remove(path)
+        barrier()
+        return len(existing)
+
+    # ----------------------------------------------------------------------------------------- saving
+
+    def save(self, step: int, trainer_state: dict[str, Any], metric: float | None = None) -> SaveReport:
+        """Commits a checkpoint of the prepared objects at `step`. Raises CheckpointError on any rank's failure."""
+        started = time.perf_counter()
+        temp = self.dir / temp_dir_name(step)
+        self._on_all_ranks(step, temp, lambda: self._fresh_temp_dir(temp) if self.is_main else None)
+        self._reached("temp_created")
+        state = {**trainer_state, "checkpoint_metric": {"name": self.monitor, "value": metric}}
+        self._on_all_ranks(step, temp, lambda: self._write_state(temp, state))
+        self._reached("state_written")
+        outcome: dict[str, Any] = {}
+        self._on_all_ranks(step, temp, lambda: outcome.update(self._commit(temp, step)) if self.is_main else None)
+        deleted = self._apply_retention() if self.is_main else []
+        self._reached("retention_done")
+        barrier()
+        self.last_saved_step = step
+        seconds = time.perf_counter() - started
+        return SaveReport(step, self.dir / step_dir_name(step), int(outcome.get("bytes", 0)), seconds, seconds, deleted)
+
+    def _fresh_temp_dir(self, temp: Path) -> None:
+        if temp.exists():
+            _remove(temp)
+        temp.mkdir(parents=True)
+
+    def _write_state(self, temp: Path, state: dict[str, Any]) -> None:
+        self.accelerator.save_state(str(temp))
+        if self.is_main:
+            (temp / TRAINER_STATE).write_text(json.dumps(state, indent=1, default=str))
+
+    def _commit(self, temp: Path, step: int) -> dict[str, Any]:
+        total = write_manifest(temp, step)
+        fsync_path(temp)
+        self._reached("manifest_written")
+        final = self.dir / step_dir_name(step)
+        if final.exists():  # a re-save of this step (e.g. a damaged one that resume skipped)
+            _remove(final)
+        os.rename(temp, final)
+        fsync_path(self.dir)
+        self._reached("renamed")
+        write_pointer(self.dir, LATEST, final.name)
+        best = best_checkpoint(self.records(), self.policy.mode)
+        if best is not None:
+            write_pointer(self.dir, BEST, step_dir_name(best.step))
+        self._reached("pointers_written")
+        return {"bytes": total}
+
+    def _apply_retention(self) -> list[str]:
+        """Deletes what the policy does not keep. Runs after the commit, so a failure here loses nothing."""
+        latest = self.dir / LATEST
+        protected = {parse_step(latest.read_text().strip())} if latest.exists() else set()
+        if self.resumed_from is not None and (self.last_saved_step or -1) <= self.resumed_from:
+            protected.add(self.resumed_from)  # until this run has committed a newer one
+        deleted = []
+        for step in checkpoints_to_delete(self.records(), self.policy, protected):
+            try:
+                _remove(self.dir / step_dir_name(step))
+                deleted.append(step_dir_name(step))
+            except OSError as exc:
+                logger.warning(f"retention could not delete {step_dir_name(step)}: {exc}")
+        return deleted
+
+    def _on_all_ranks(self, step: int, temp: Path, action: Callable[[], Any]) -> None:
+        """Runs one protocol phase on this rank, then agrees with all ranks that it worked everywhere."""
+        error: BaseException | None = None
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - every failure must reach the agreement below
+            error = exc
+        if all_ranks_ok(error is None, self.accelerator.device):
+            return
+        if self.is_main and temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+        reason = f"{type(error).__name__}: {error}" if error else "another rank failed"
+        raise CheckpointError(f"saving checkpoint {step_dir_name(step)} failed ({reason}); "
+                              f"earlier checkpoints and pointers are unchanged") from error
+
+    def _reached(self, stage: str) -> None:
+        """Fault injection for tests: DTRAIN_FAULT_AT=<stage> makes this process die there with SIGKILL."""
+        if os.environ.get("DTRAIN_FAULT_AT") == stage:
+            os.kill(os.getpid(), 9)
+
+    # ----------------------------------------------------------------------------------------- reading
+
+    def records(self) -> list[CheckpointRecord]:
+        out = []
+        for path in step_dirs(self.dir):
+            try:
+                metric = read_trainer_state(path).get("checkpoint_metric") or {}
+            except (OSError, ValueError):
+                metric = {}
+            value = metric.get("value") if metric.get("name") == self.monitor else None
+            out.append(CheckpointRecord(parse_step(path.name), value))
+        return out
+
+    def load(self, path: str | Path, fallback_seed: int = 0) -> dict[str, Any]:
+        """Restores the prepared objects and this rank's RNG from a checkpoint; returns its trainer state."""
+        path = Path(path)
+        state = read_trainer_state(path)
+        self.accelerator.load_state(str(path))
+        rng.restore(path, self.accelerator.process_index, fallback_seed=fallback_seed + int(state.get("global_step", 0)))
+        self.resumed_from = self.last_saved_step = int(state.get("global_step", parse_step(path.name) or 0))
+        return state
+
+    def verify(self, path: str | Path, checksums: bool | None = None):
+        return verify_checkpoint(Path(path), self.verify_checksums if checksums is None else checksums)
+
+
+def _remove(path: Path) -> None:
+    """Deletes a directory by first renaming it to a dot-name, so a crash mid-delete leaves only trash."""
+    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+

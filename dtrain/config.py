@@ -1,0 +1,314 @@
+"""Run configuration: small dataclasses (one per concern), loaded from a file and overridden by flags.
+
+Precedence, lowest first: dataclass defaults < `--quick` presets < `--config FILE` < command-line flags.
+Every field has a flag named after it (`keep_last` -> `--keep-last`). Config files may be flat
+(`lr: 0.001`) or grouped by section (`train: {lr: 0.001}`), and unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from dtrain.errors import UsageError
+
+
+def _opt(help: str, choices: tuple | None = None, **kwargs) -> dict:
+    return {"metadata": {"help": help, "choices": choices}, **kwargs}
+
+
+@dataclass
+class TaskConfig:
+    task: str = field(default="charlm", **_opt("built-in task (charlm, regression) or package.module:function"))
+    data: str | None = field(default=None, **_opt("task input; charlm: a text file or folder (default: Python's stdlib sources)"))
+    block_size: int = field(default=128, **_opt("context length in characters (charlm)"))
+    n_layer: int = field(default=4, **_opt("transformer layers (charlm) / hidden layers (regression)"))
+    n_head: int = field(default=4, **_opt("attention heads (charlm)"))
+    n_embd: int = field(default=128, **_opt("embedding / hidden width"))
+    dropout: float = field(default=0.1, **_opt("dropout probability"))
+    corpus_bytes: int = field(default=2_000_000, **_opt("charlm: bytes taken from the default corpus"))
+    sample_chars: int = field(default=300, **_opt("charlm: characters generated per eval sample"))
+
+    def validate(self) -> None:
+        _check(self.block_size >= 1, "block_size", self.block_size, "an integer >= 1")
+        _check(self.n_layer >= 1, "n_layer", self.n_layer, "an integer >= 1")
+        _check(self.n_head >= 1, "n_head", self.n_head, "an integer >= 1")
+        _check(self.n_embd >= 1 and self.n_embd % self.n_head == 0, "n_embd", self.n_embd,
+               f"a positive multiple of n_head ({self.n_head})")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a number in [0, 1)")
+        _check(self.sample_chars >= 0, "sample_chars", self.sample_chars, "an integer >= 0")
+        _check(self.corpus_bytes >= 1024, "corpus_bytes", self.corpus_bytes, "an integer >= 1024")
+        if self.task not in ("charlm", "regression"):
+            module, _, function = self.task.partition(":")
+            _check(bool(module) and function.isidentifier(), "task", self.task,
+                   "charlm, regression, or package.module:function")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = field(default=1234, **_opt("random seed (data order, init, dropout)"))
+    epochs: int = field(default=3, **_opt("epochs to train; 0 = no epoch limit"))
+    max_steps: int = field(default=600, **_opt("optimizer steps to train; 0 = no step limit"))
+    batch_size: int = field(default=32, **_opt("samples per process per micro-batch"))
+    grad_accum: int = field(default=1, **_opt("micro-batches per optimizer step"))
+    lr: float = field(default=3e-3, **_opt("peak learning rate"))
+    weight_decay: float = field(default=0.01, **_opt("AdamW weight decay"))
+    warmup_steps: int = field(default=50, **_opt("linear warm-up steps before the cosine decay"))
+    min_lr_ratio: float = field(default=0.1, **_opt("final learning rate as a fraction of --lr"))
+    grad_clip: float = field(default=1.0, **_opt("max gradient norm; 0 = off"))
+    mixed_precision: str = field(default="no", **_opt("autocast precision", ("no", "fp16", "bf16")))
+    device: str = field(default="auto", **_opt("where to train", ("auto", "cpu", "cuda")))
+    num_workers: int = field(default=0, **_opt("DataLoader worker processes"))
+
+    def validate(self) -> None:
+        _check(self.epochs >= 0, "epochs", self.epochs, "an integer >= 0")
+        _check(self.max_steps >= 0, "max_steps", self.max_steps, "an integer >= 0")
+        _check(self.epochs > 0 or self.max_steps > 0, "max_steps", self.max_steps,
+               "a positive integer when epochs is 0 (one of them must end the run)")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _check(self.grad_accum >= 1, "grad_accum", self.grad_accum, "an integer >= 1")
+        _check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a positive number")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
+        _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a number >= 0")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+
+
+@dataclass
+class EvalConfig:
+    eval_every_steps: int = field(default=100, **_opt("evaluate every N optimizer steps; 0 = only at the end"))
+    eval_max_batches: int = field(default=20, **_opt("batches per process per evaluation; 0 = whole eval split"))
+    log_every_steps: int = field(default=10, **_opt("log training metrics every N optimizer steps"))
+    monitor: str = field(default="val_loss", **_opt("eval metric for best checkpoints and early stopping"))
+    mode: str = field(default="min", **_opt("whether a lower or higher monitor is better", ("min", "max")))
+    early_stopping_patience: int = field(default=0, **_opt("evals without improvement before stopping; 0 = off"))
+    log_with: str = field(default="none", **_opt("Accelerate tracker", ("none", "tensorboard", "wandb", "all")))
+
+    def validate(self) -> None:
+        for name in ("eval_every_steps", "eval_max_batches", "early_stopping_patience"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        _check(self.log_every_steps >= 1, "log_every_steps", self.log_every_steps, "an integer >= 1")
+        _check(bool(self.monitor), "monitor", self.monitor, "an eval metric name such as val_loss")
+
+
+@dataclass
+class CheckpointConfig:
+    save_every_steps: int = field(default=0, **_opt("save every N optimizer steps; 0 = off"))
+    save_every_epochs: int = field(default=0, **_opt("save every N epochs; 0 = off"))
+    save_every_seconds: float = field(default=0.0, **_opt("save when N seconds passed since the last save; 0 = off"))
+    keep_last: int = field(default=3, **_opt("keep the newest N checkpoints; 0 = rule off"))
+    keep_best: int = field(default=0, **_opt("keep the best K checkpoints by --monitor; 0 = rule off"))
+    keep_every_steps: int = field(default=0, **_opt("never prune checkpoints whose step is a multiple of N"))
+    resume: str = field(default="none", **_opt("none, latest, best, auto, or a checkpoint PATH"))
+    overwrite: bool = field(default=False, **_opt("allow a fresh start where checkpoints already exist"))
+    async_save: bool = field(default=False, **_opt("write checkpoints in the background"))
+    verify_checksums: bool = field(default=False, **_opt("check sha256 of every file before resuming"))
+    allow_config_change: bool = field(default=False, **_opt("resume even if model-shaping fields changed"))
+    signal_grace_seconds: float = field(default=30.0, **_opt("time launchers allow after a signal; warn when saves take longer"))
+
+    def validate(self) -> None:
+        for name in ("save_every_steps", "save_every_epochs", "keep_last", "keep_best", "keep_every_steps"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        _check(self.save_every_seconds >= 0, "save_every_seconds", self.save_every_seconds, "a number >= 0")
+        _check(self.signal_grace_seconds > 0, "signal_grace_seconds", self.signal_grace_seconds, "a number > 0")
+        _check(bool(self.resume), "resume", self.resume, "none, latest, best, auto, or a checkpoint path")
+
+
+SECTIONS = {"task": TaskConfig, "train": TrainConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig}
+
+
+@dataclass
+class Config:
+    output_dir: str | None = None
+    quick: bool = False
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> "Config":
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        if self.output_dir is None:
+            self.output_dir = str(Path("runs") / task_short_name(self.task.task))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """All fields by their flag name, without sections."""
+        out = {"output_dir": self.output_dir, "quick": self.quick}
+        for section in SECTIONS:
+            out.update(dataclasses.asdict(getattr(self, section)))
+        return out
+
+
+# Fields that only matter for a quick smoke run; flags and config files still win over them.
+QUICK_PRESET = {
+    "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32, "corpus_bytes": 100_000,
+    "epochs": 0, "max_steps": 30, "batch_size": 8, "warmup_steps": 5,
+    "eval_every_steps": 10, "eval_max_batches": 2, "log_every_steps": 5, "sample_chars": 60,
+}
+
+TOP_LEVEL_FIELDS = {
+    "output_dir": "where everything of a run goes (default runs/<task>)",
+    "quick": "a tiny smoke run: small model, few steps",
+}
+
+
+def task_short_name(task: str) -> str:
+    return task.rsplit(":", 1)[-1] if ":" in task else task
+
+
+def _check(ok: bool, name: str, value: Any, accepted: str) -> None:
+    if not ok:
+        raise UsageError(f"invalid value for {name}: {value!r}; accepted: {accepted}")
+
+
+def _field_index() -> dict[str, tuple[str | None, dataclasses.Field, type]]:
+    """Map of field name -> (section or None, field, python type)."""
+    index: dict[str, tuple[str | None, Any, type]] = {}
+    top_hints = get_type_hints(Config)
+    for name in TOP_LEVEL_FIELDS:
+        index[name] = (None, next(f for f in fields(Config) if f.name == name), top_hints[name])
+    for section, cls in SECTIONS.items():
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            index[f.name] = (section, f, hints[f.name])
+    return index
+
+
+FIELDS = _field_index()
+
+
+def _base_type(tp: Any) -> type:
+    args = [a for a in getattr(tp, "__args__", ()) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Converts a value from a file or flag to the field's type, with a clear error."""
+    _, f, tp = FIELDS[name]
+    base = _base_type(tp)
+    if value is None:
+        if type(None) in getattr(tp, "__args__", ()):
+            return None
+        raise UsageError(f"invalid value for {name}: null; accepted: a {base.__name__}")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        value = str(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"invalid value for {name}: {value!r}; accepted: a {base.__name__}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise UsageError(f"invalid value for {name}: {value!r}; accepted: {', '.join(choices)}")
+    return value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML or JSON config file into a flat {field: value} dict, rejecting unknown keys."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise UsageError(f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    return flatten_config_dict(data or {}, source=str(path))
+
+
+def flatten_config_dict(data: Any, source: str = "config") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise UsageError(f"{source} must hold a mapping of field names to values")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key).replace("-", "_")
+        if key in SECTIONS and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                sub_key = str(sub_key).replace("-", "_")
+                if FIELDS.get(sub_key, (None,))[0] != key:
+                    raise UsageError(f"unknown key '{key}.{sub_key}' in {source}; "
+                                     f"accepted in '{key}': {', '.join(f.name for f in fields(SECTIONS[key]))}")
+                flat[sub_key] = sub_value
+        elif key in FIELDS:
+            flat[key] = value
+        else:
+            raise UsageError(f"unknown key '{key}' in {source}; accepted: {', '.join(sorted(FIELDS))}")
+    return flat
+
+
+def build_config(file_values: dict[str, Any] | None = None, flag_values: dict[str, Any] | None = None) -> Config:
+    """Resolves defaults < quick preset < file < flags into a validated Config."""
+    merged: dict[str, Any] = dict(file_values or {})
+    merged.update(flag_values or {})
+    quick = _coerce("quick", merged.get("quick", False))
+    values = {**(QUICK_PRESET if quick else {}), **merged}
+    config = Config()
+    for name, raw in values.items():
+        section, _, _ = FIELDS[name]
+        target = config if section is None else getattr(config, section)
+        setattr(target, name, _coerce(name, raw))
+    return config.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuilds a Config from `Config.to_dict()` output (e.g. a saved config.yaml)."""
+    return build_config(flatten_config_dict(data))
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """Adds --config and one flag per config field. Flags default to None so we can tell what was given."""
+    parser.add_argument("--config", metavar="FILE", help="YAML or JSON file setting any field; flags win over it")
+    groups = {None: parser.add_argument_group("run")}
+    for section in SECTIONS:
+        groups[section] = parser.add_argument_group(section)
+    for name, (section, f, tp) in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = TOP_LEVEL_FIELDS.get(name) or f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        group = groups[section]
+        if _base_type(tp) is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{help_text} (default: {default})")
+        else:
+            choices = f.metadata.get("choices")
+            group.add_argument(flag, dest=name, default=None, metavar=_base_type(tp).__name__.upper(),
+                               choices=choices, help=f"{help_text} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    file_values = read_config_file(args.config) if args.config else {}
+    flag_values = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    return build_config(file_values, flag_values)
+
+
+def write_config(config: Config, path: Path) -> None:
+    from dtrain.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

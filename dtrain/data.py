@@ -1,0 +1,112 @@
+"""Deterministic, resumable data order.
+
+The order of an epoch is a pure function of (seed, epoch): one permutation of the dataset, read as a sequence
+of global micro-batches of `world_size * batch_size` samples, rank r taking the r-th slice of each. A position
+inside the epoch is therefore just a number of samples (`start_sample`), and resuming there costs one slice of
+the permutation: no sample is loaded and thrown away. Because the position is counted in global samples, a run
+may resume with another world size and still see every remaining sample of the epoch exactly once.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # Mixing with a large odd constant keeps (seed, epoch) pairs from colliding for small seeds.
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+
+
+class ResumableBatchSampler:
+    """Yields this rank's micro-batches (lists of indices) for one epoch, from `start_sample` on.
+
+    Each epoch holds a whole number of optimizer steps: micro-batches that would make an incomplete last
+    accumulation window are dropped (like `drop_last`), so every optimizer step boundary is a resumable point.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 grad_accum: int = 1, shuffle: bool = True):
+        if num_samples < batch_size * world_size * grad_accum:
+            raise ValueError(f"the dataset has {num_samples} samples, fewer than one optimizer step needs "
+                             f"(batch_size {batch_size} x world size {world_size} x grad_accum {grad_accum})")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.grad_accum = grad_accum
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start_sample = 0
+
+    @property
+    def samples_per_micro_step(self) -> int:
+        """Global samples consumed by one micro-batch on every rank."""
+        return self.batch_size * self.world_size
+
+    def micro_steps_from(self, start_sample: int) -> int:
+        full = (self.num_samples - start_sample) // self.samples_per_micro_step
+        return full - full % self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in a full epoch."""
+        return self.micro_steps_from(0) // self.grad_accum
+
+    def set_epoch(self, epoch: int, start_sample: int = 0) -> None:
+        if not 0 <= start_sample <= self.num_samples:
+            raise ValueError(f"start_sample {start_sample} is outside the epoch of {self.num_samples} samples")
+        self.epoch = epoch
+        self.start_sample = start_sample
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.num_samples)
+        return torch.randperm(self.num_samples, generator=epoch_generator(self.seed, epoch))
+
+    def __len__(self) -> int:
+        return self.micro_steps_from(self.start_sample)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.epoch_order(self.epoch)
+        per_step = self.samples_per_micro_step
+        first = self.start_sample + self.rank * self.batch_size
+        for step in range(len(self)):
+            begin = first + step * per_step
+            yield order[begin:begin + self.batch_size].tolist()
+
+
+class ShardedEvalSampler:
+    """Eval indices split across ranks without padding, so summed metrics count every sample once."""
+
+    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, max_batches: int = 0):
+        indices = list(range(rank, num_samples, world_size))
+        self.batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        if max_batches:
+            self.batches = self.batches[:max_batches]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+
+def _ignore_interrupts_in_worker(_worker_id: int) -> None:
+    # The trainer process decides how to stop; a worker that dies on Ctrl+C would only crash the loader.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def make_loader(dataset: Dataset, batch_sampler, collate_fn=None, num_workers: int = 0, seed: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    # An explicit generator keeps iterator creation from drawing on the global torch RNG; otherwise a resumed
+    # run (which creates one iterator more than a straight run) would see different dropout masks.
+    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
+                      generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory,
+                      worker_init_fn=_ignore_interrupts_in_worker if num_workers else None,
+                      persistent_workers=False)

@@ -1,0 +1,29 @@
+"""Tiny cross-rank agreements built on one all-reduce. Every rank must call them at the same points."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_max(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Element-wise maximum over ranks (identity in a single process)."""
+    if not is_distributed():
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+def all_ranks_ok(ok: bool, device: torch.device | str = "cpu") -> bool:
+    """True only if every rank reports ok. Doubles as a barrier that cannot hang when a rank failed."""
+    return all_reduce_max([0.0 if ok else 1.0], device)[0] == 0.0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

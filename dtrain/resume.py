@@ -1,0 +1,114 @@
+"""Checks before resuming (task, model shape, config drift, data fingerprint) and the `Resume with:` command."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from accelerate.logging import get_logger
+from safetensors import safe_open
+
+from dtrain.checkpoint.layout import read_trainer_state
+from dtrain.config import Config
+from dtrain.errors import UsageError
+
+logger = get_logger(__name__)
+
+# Fields whose change only matters for what comes next, never for loading: no warning needed.
+IGNORED_FIELDS = {"resume", "overwrite", "output_dir", "verify_checksums", "allow_config_change", "quick",
+                  "async_save", "signal_grace_seconds", "log_with", "num_workers", "device"}
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    try:
+        return read_trainer_state(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--resume: cannot read the trainer state of {path}: {exc}") from None
+
+
+def check_compatible(saved: dict[str, Any], task, config: Config, model, path: Path) -> None:
+    """Raises UsageError for a checkpoint that cannot be loaded; warns about changes that can."""
+    if saved.get("task") not in (None, task.name):
+        raise UsageError(f"--resume: {path} was written by task {saved.get('task')!r}, this run trains {task.name!r}")
+    shape_changes = _differences(saved.get("shape") or {}, task.shape)
+    if shape_changes and not config.checkpoint.allow_config_change:
+        raise UsageError(f"--resume: the model shape changed since {path.name} ({'; '.join(shape_changes)}); "
+                         f"set them back, or pass --allow-config-change")
+    check_tensors_fit(path, model)
+    old_config = saved.get("config")
+    if isinstance(old_config, dict):
+        old_flat = _flatten(old_config)
+        changes = [c for c in _differences(old_flat, config.flat()) if c.split(":")[0] not in IGNORED_FIELDS]
+        if changes:
+            logger.warning(f"config changed since {path.name}: {'; '.join(changes)}")
+    if saved.get("fingerprint") and saved["fingerprint"] != task.fingerprint:
+        logger.warning(f"the training data changed since {path.name}: {saved['fingerprint']} -> {task.fingerprint}")
+
+
+def check_tensors_fit(path: Path, model) -> None:
+    """Compares the saved weights' names and shapes with the model's, naming the first mismatches."""
+    weights = path / "model.safetensors"
+    if not weights.exists():
+        return  # sharded (FSDP) layouts are checked by Accelerate itself
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(weights), framework="pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    problems = [f"{k}: checkpoint {saved[k]} vs model {expected[k]}" for k in expected
+                if k in saved and saved[k] != expected[k]]
+    problems += [f"{k}: missing in the checkpoint" for k in expected if k not in saved]
+    problems += [f"{k}: not in the model" for k in saved if k not in expected]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UsageError(f"--resume: {path.name} does not fit the model: {'; '.join(problems[:3])}{more}")
+
+
+def _flatten(config_dict: dict[str, Any]) -> dict[str, Any]:
+    flat = {}
+    for key, value in config_dict.items():
+        if isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def resume_command(output_dir: str) -> str:
+    """The command that started this run, with `--resume latest` (and the output dir made explicit)."""
+    argv = _launch_argv()
+    args, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--resume", "--output-dir"):
+            skip = True
+            continue
+        if arg.startswith(("--resume=", "--output-dir=")) or arg in ("--overwrite", "--no-overwrite"):
+            continue
+        args.append(arg)
+    return shlex.join([argv[0], *args, "--output-dir", output_dir, "--resume", "latest"])
+
+
+def _launch_argv() -> list[str]:
+    """argv of the launcher (accelerate launch / torchrun) when there is one, else of this process."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_USE_CPU" in os.environ:
+        try:
+            raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+            parent = [a.decode() for a in raw.split(b"\0") if a]
+            for i, arg in enumerate(parent[:2]):
+                if os.path.basename(arg) in ("accelerate", "torchrun"):
+                    return [os.path.basename(arg), *parent[i + 1:]]
+            if len(parent) > 2 and parent[1:3] == ["-m", "torch.distributed.run"]:
+                return ["torchrun", *parent[3:]]
+        except OSError:
+            pass
+    if os.path.basename(sys.argv[0]) == "dtrain":
+        return ["dtrain", *sys.argv[1:]]
+    return ["python", *sys.argv]

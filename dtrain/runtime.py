@@ -1,0 +1,42 @@
+"""Creating the Accelerator for a config, with the checks that keep CPU and multi-process runs honest."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+
+from dtrain.config import Config
+from dtrain.errors import UsageError
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UsageError("invalid value for device: 'cuda': no CUDA GPU is available here; accepted: auto, cpu")
+    return requested
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    device = resolve_device(config.train.device)
+    precision = config.train.mixed_precision
+    if device == "cpu" and precision == "fp16":
+        raise UsageError("invalid value for mixed_precision: 'fp16' needs a GPU; accepted on the CPU: no, bf16")
+    log_with = None if config.eval.log_with == "none" else config.eval.log_with
+    accelerator = Accelerator(
+        cpu=device == "cpu",  # on the CPU this is what makes multi-process runs use gloo (MULTI_CPU)
+        mixed_precision=precision,
+        gradient_accumulation_steps=config.train.grad_accum,
+        step_scheduler_with_optimizer=False,  # we step the scheduler once per optimizer step ourselves
+        log_with=log_with,
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
+    )
+    launched_ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_ranks > 1 and accelerator.num_processes != launched_ranks:
+        raise UsageError(f"launched with WORLD_SIZE={launched_ranks} but Accelerate set up "
+                         f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}); "
+                         f"refusing to train as independent single processes")
+    return accelerator

@@ -1,0 +1,56 @@
+"""The task protocol: everything the trainer needs to know about a model and its data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+Batch = Any
+
+
+def batch_length(batch: Batch) -> int:
+    first = batch[0] if isinstance(batch, (tuple, list)) else next(iter(batch.values())) if isinstance(batch, dict) else batch
+    return len(first)
+
+
+def default_evaluate(loss: Callable[[nn.Module, Batch], torch.Tensor]) -> Callable[[nn.Module, Batch], dict]:
+    """An evaluate function that reports the mean task loss as `val_loss`."""
+
+    def evaluate(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        n = batch_length(batch)
+        return {"val_loss": loss(model, batch).detach().float() * n, "count": torch.tensor(float(n))}
+
+    return evaluate
+
+
+@dataclass
+class Task:
+    """What to train.
+
+    - `loss(model, batch)` returns the mean loss of a micro-batch (it is what backward runs on).
+    - `evaluate(model, batch)` returns metric SUMS over the batch plus a `count`; the trainer adds them up over
+      batches and ranks and divides by the count. Default: the loss, reported as `val_loss`.
+    - `sample(model, generator)` optionally returns text written to `samples/` at each eval. It must draw
+      random numbers only from `generator`, so evaluation never changes the training run's randomness.
+    - `shape` holds the settings that decide the model's tensors; resuming with different ones is refused.
+    - `fingerprint` identifies the data; a change is reported on resume.
+    """
+
+    name: str
+    model: nn.Module
+    train_data: Dataset
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+    eval_data: Dataset | None = None
+    evaluate: Callable[[nn.Module, Batch], dict[str, torch.Tensor]] | None = None
+    sample: Callable[[nn.Module, torch.Generator], str] | None = None
+    collate_fn: Callable | None = None
+    shape: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.evaluate is None:
+            self.evaluate = default_evaluate(self.loss)

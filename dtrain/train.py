@@ -1,0 +1,47 @@
+"""dtrain's entry script: `accelerate launch dtrain/train.py [ARGS]` (also torchrun, python, `dtrain train`).
+
+Parse the config, set up Accelerate, build the task, train. Exit codes follow CONTRACT section 3.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __package__ in (None, ""):
+    # Run as a script: import the dtrain package from the repository, and keep this folder (whose module
+    # names are generic, e.g. `config`) off the import path.
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+    sys.path.insert(0, os.path.dirname(_here))
+
+from dtrain.cli_common import DtrainArgumentParser, run_main  # noqa: E402
+from dtrain.config import Config, add_config_flags, config_from_args  # noqa: E402
+
+
+def build_parser(prog: str = "dtrain train") -> DtrainArgumentParser:
+    parser = DtrainArgumentParser(prog=prog, description="Train a task with checkpoints that survive interruptions.")
+    add_config_flags(parser)
+    return parser
+
+
+def train(config: Config):
+    """Trains the task a Config names; returns the FitResult (raises Interrupted on a signal)."""
+    from accelerate.utils import set_seed
+
+    from dtrain.runtime import make_accelerator
+    from dtrain.tasks import build_task
+    from dtrain.trainer import Trainer
+
+    accelerator = make_accelerator(config)
+    set_seed(config.train.seed)
+    task = build_task(config.task, config.train.seed)
+    return Trainer(config, task, accelerator=accelerator).fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(lambda: train(config_from_args(build_parser().parse_args(argv))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

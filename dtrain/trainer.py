@@ -1,0 +1,384 @@
+"""The training loop.
+
+`Trainer.fit()` reads top to bottom: start (fresh or resumed), then epochs of micro-batches; after every
+optimizer step it logs, evaluates, saves and asks all ranks whether anyone was interrupted, all at the same
+deterministic points on every rank. Checkpointing is the CheckpointManager's job; randomness that evaluation
+consumes is put back, so a resumed run draws exactly the numbers an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate.logging import get_logger
+from accelerate.utils import send_to_device
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dtrain import resume as resume_checks
+from dtrain.checkpoint import CheckpointManager, RetentionPolicy, resolve_resume
+from dtrain.checkpoint.layout import step_dirs
+from dtrain.config import Config, write_config
+from dtrain.data import ResumableBatchSampler, ShardedEvalSampler, make_loader
+from dtrain.distributed import barrier
+from dtrain.errors import Interrupted, UsageError
+from dtrain.interrupt import InterruptHandler
+from dtrain.metrics import MetricsLog
+from dtrain.rng import preserved_rng
+from dtrain.runtime import make_accelerator
+from dtrain.tasks import Task
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class TrainerState:
+    """Everything about progress that a checkpoint stores as JSON (never a pickle)."""
+
+    global_step: int = 0  # optimizer steps
+    epoch: int = 0  # the epoch in progress (0-based)
+    step_in_epoch: int = 0
+    epoch_samples_seen: int = 0  # global samples consumed in the current epoch: the resume position
+    samples_seen: int = 0  # global samples consumed by the whole run
+    world_size: int = 1
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
+    last_eval: dict[str, float] = field(default_factory=dict)
+    last_eval_step: int | None = None
+
+
+@dataclass
+class FitResult:
+    reason: str  # "finished" or "early_stop"
+    global_step: int
+    last_eval: dict[str, float]
+    checkpoint: str | None
+
+
+class Trainer:
+    """Trains a task (or a model, data and loss handed in directly) under a Config.
+
+    Either give `task=`, or the pieces: `model`, `loss_fn(model, batch) -> mean loss`, `train_dataloader`
+    (its dataset, batch size and collate_fn are used; dtrain owns the order so it can resume exactly), and
+    optionally `eval_dataloader` and `optimizer` (default: AdamW with the config's lr and weight decay).
+    """
+
+    def __init__(self, config: Config | None = None, task: Task | None = None, *, model=None, loss_fn=None,
+                 train_dataloader: DataLoader | None = None, eval_dataloader: DataLoader | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, accelerator=None):
+        self.config = (config or Config()).validate()
+        if task is None:
+            if model is None or loss_fn is None or train_dataloader is None:
+                raise UsageError("Trainer needs task=, or model=, loss_fn= and train_dataloader=")
+            task = task_from_pieces(model, loss_fn, train_dataloader, eval_dataloader)
+            if train_dataloader.batch_size:
+                self.config.train.batch_size = train_dataloader.batch_size
+        self.task = task
+        self.accelerator = accelerator or make_accelerator(self.config)
+        self.output_dir = Path(self.config.output_dir)
+        self.is_main = self.accelerator.is_main_process
+        self.state = TrainerState(world_size=self.accelerator.num_processes)
+        self.metrics = MetricsLog(self.output_dir, enabled=self.is_main, accelerator=self.accelerator)
+        ckpt = self.config.checkpoint
+        self.checkpoints = CheckpointManager(
+            self.accelerator, self.output_dir / "checkpoints",
+            RetentionPolicy(ckpt.keep_last, ckpt.keep_best, ckpt.keep_every_steps, self.config.eval.mode),
+            monitor=self.config.eval.monitor, verify_checksums=ckpt.verify_checksums)
+        self.interrupts = InterruptHandler()
+        self._build_training_objects(optimizer)
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _build_training_objects(self, optimizer) -> None:
+        cfg, acc = self.config.train, self.accelerator
+        self.sampler = ResumableBatchSampler(len(self.task.train_data), cfg.batch_size, acc.process_index,
+                                             acc.num_processes, cfg.seed, cfg.grad_accum)
+        self.train_loader = make_loader(self.task.train_data, self.sampler, self.task.collate_fn,
+                                        cfg.num_workers, cfg.seed, pin_memory=acc.device.type == "cuda")
+        self.eval_loader = None
+        if self.task.eval_data is not None:
+            eval_sampler = ShardedEvalSampler(len(self.task.eval_data), cfg.batch_size, acc.process_index,
+                                              acc.num_processes, self.config.eval.eval_max_batches)
+            self.eval_loader = make_loader(self.task.eval_data, eval_sampler, self.task.collate_fn, 0, cfg.seed)
+        optimizer = optimizer or torch.optim.AdamW(self.task.model.parameters(), lr=cfg.lr,
+                                                   weight_decay=cfg.weight_decay)
+        self.total_steps = self._planned_steps()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
+            cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
+        self.model, self.optimizer, self.scheduler = acc.prepare(self.task.model, optimizer, scheduler)
+
+    def _planned_steps(self) -> int:
+        limits = [self.config.train.max_steps] if self.config.train.max_steps else []
+        if self.config.train.epochs:
+            limits.append(self.config.train.epochs * self.sampler.steps_per_epoch)
+        return min(limits)
+
+    # ------------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> FitResult:
+        with self.interrupts:
+            self._start()
+            progress = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not self.is_main,
+                            desc=f"{self.task.name}", dynamic_ncols=True)
+            self._loss_sum, self._loss_count, self._timer = torch.zeros((), device=self.accelerator.device), 0, time.perf_counter()
+            state = self.state
+            while not self._finished():
+                self.sampler.set_epoch(state.epoch, state.epoch_samples_seen)
+                for batch in self.train_loader:
+                    self._micro_step(send_to_device(batch, self.accelerator.device))
+                    state.epoch_samples_seen += self.sampler.samples_per_micro_step
+                    state.samples_seen += self.sampler.samples_per_micro_step
+                    if not self.accelerator.sync_gradients:
+                        continue  # inside a gradient accumulation window
+                    state.global_step += 1
+                    state.step_in_epoch += 1
+                    progress.update(1)
+                    self._after_optimizer_step(progress)
+                    if self._finished():
+                        break
+                else:  # the epoch ran to its end
+                    state.epoch, state.step_in_epoch, state.epoch_samples_seen = state.epoch + 1, 0, 0
+                    every = self.config.checkpoint.save_every_epochs
+                    if every and state.epoch % every == 0:
+                        self._save()
+            progress.close()
+            return self._finish()
+
+    def _micro_step(self, batch) -> None:
+        with self.accelerator.accumulate(self.model):
+            with self.accelerator.autocast():
+                loss = self.task.loss(self.model, batch)
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and self.config.train.grad_clip:
+                self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+            self.optimizer.step()
+            if self.accelerator.sync_gradients:
+                self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._loss_sum += loss.detach().float()
+        self._loss_count += 1
+
+    def _after_optimizer_step(self, progress) -> None:
+        """Logging, evaluation, saving and the interrupt agreement: the same points on every rank."""
+        step, cfg = self.state.global_step, self.config
+        if step % cfg.eval.log_every_steps == 0:
+            self._log_training(progress)
+        if cfg.eval.eval_every_steps and step % cfg.eval.eval_every_steps == 0:
+            self._evaluate()
+        # One all-reduce per step carries both the interrupt flag and rank 0's wall-clock save decision.
+        signum, time_due = self.interrupts.agree(self.accelerator.device, extra=float(self._save_time_due()))
+        if (cfg.checkpoint.save_every_steps and step % cfg.checkpoint.save_every_steps == 0) or time_due:
+            self._save()
+        if signum:
+            self._stop_on_signal(signum)
+
+    def _finished(self) -> bool:
+        cfg, state = self.config.train, self.state
+        return (state.stopped_early or (cfg.max_steps and state.global_step >= cfg.max_steps)
+                or (cfg.epochs and state.epoch >= cfg.epochs))
+
+    def _finish(self) -> FitResult:
+        state = self.state
+        if self.eval_loader is not None and state.last_eval_step != state.global_step:
+            self._evaluate()
+        checkpoint = self._save()
+        reason = "early_stop" if state.stopped_early else "finished"
+        self.metrics.event("end", state.global_step, reason=reason, epoch=state.epoch)
+        logger.info(f"training {reason} at step {state.global_step}; last checkpoint {checkpoint}")
+        self.accelerator.end_training()
+        return FitResult(reason, state.global_step, state.last_eval, checkpoint)
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    def _log_training(self, progress) -> None:
+        count = max(self._loss_count, 1)
+        loss = self.accelerator.reduce(self._loss_sum / count, reduction="mean").item()
+        elapsed = time.perf_counter() - self._timer
+        record = {"step": self.state.global_step, "epoch": self.state.epoch, "loss": loss,
+                  "lr": self.scheduler.get_last_lr()[0],
+                  "steps_per_second": self.config.eval.log_every_steps / elapsed if elapsed > 0 else 0.0,
+                  "samples_seen": self.state.samples_seen}
+        self.metrics.log(record, "train")
+        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
+        self._loss_sum.zero_()
+        self._loss_count, self._timer = 0, time.perf_counter()
+
+    def _evaluate(self) -> dict[str, float]:
+        """Runs the task's evaluation (and sample) without touching the training RNG streams."""
+        if self.eval_loader is None:
+            return {}
+        model = self.accelerator.unwrap_model(self.model)  # no DDP collectives: ranks may have unequal batches
+        sums: dict[str, torch.Tensor] = {}
+        with preserved_rng():
+            model.eval()
+            with torch.no_grad(), self.accelerator.autocast():
+                for batch in self.eval_loader:
+                    for key, value in self.task.evaluate(model, send_to_device(batch, self.accelerator.device)).items():
+                        sums[key] = sums.get(key, 0) + torch.as_tensor(value, dtype=torch.float64).cpu()
+                keys = sorted(sums)
+                totals = self.accelerator.reduce(torch.stack([sums[k] for k in keys]).to(self.accelerator.device),
+                                                 reduction="sum").cpu().tolist() if keys else []
+                sample = self._write_sample(model)
+            model.train()
+        values = dict(zip(keys, totals))
+        count = values.pop("count", 1.0) or 1.0
+        metrics = {k: v / count for k, v in values.items()}
+        self._update_early_stopping(metrics)
+        self.metrics.log({"step": self.state.global_step, "epoch": self.state.epoch, **metrics}, "eval")
+        if sample is not None:
+            logger.info(f"sample at step {self.state.global_step}:\n{sample}")
+        return metrics
+
+    def _write_sample(self, model) -> str | None:
+        if self.task.sample is None or not self.is_main:
+            return None
+        device = self.accelerator.device
+        generator = torch.Generator(device=device).manual_seed(self.config.train.seed + self.state.global_step)
+        text = self.task.sample(model, generator)
+        samples = self.output_dir / "samples"
+        samples.mkdir(parents=True, exist_ok=True)
+        (samples / f"step_{self.state.global_step:09d}.txt").write_text(text)
+        return text
+
+    def _update_early_stopping(self, metrics: dict[str, float]) -> None:
+        state, cfg = self.state, self.config.eval
+        state.last_eval, state.last_eval_step = metrics, state.global_step
+        value = metrics.get(cfg.monitor)
+        if value is None:
+            logger.warning(f"monitor {cfg.monitor!r} is not among the eval metrics {sorted(metrics)}")
+            return
+        improved = state.best_metric is None or (value < state.best_metric if cfg.mode == "min"
+                                                 else value > state.best_metric)
+        if improved:
+            state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
+        else:
+            state.evals_without_improvement += 1
+        if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+            state.stopped_early = True
+            self.metrics.event("early_stop", state.global_step, best_metric=state.best_metric,
+                               best_step=state.best_step, patience=cfg.early_stopping_patience)
+            logger.info(f"early stopping: {cfg.monitor} did not improve for {state.evals_without_improvement} evals")
+
+    def _save_time_due(self) -> bool:
+        every = self.config.checkpoint.save_every_seconds
+        return bool(self.is_main and every and time.monotonic() - self._last_save_time >= every)
+
+    def _save(self) -> str:
+        """Commits a checkpoint of the current step (once per step) and logs the `checkpoint` event."""
+        state = self.state
+        if self.checkpoints.last_saved_step == state.global_step:
+            return str(self.checkpoints.dir / f"step_{state.global_step:09d}")
+        metric = state.last_eval.get(self.config.eval.monitor) if state.last_eval_step == state.global_step else None
+        report = self.checkpoints.save(state.global_step, self._checkpoint_state(), metric)
+        self._last_save_time = time.monotonic()
+        self.metrics.event("checkpoint", report.step, path=str(report.path), bytes=report.bytes,
+                           blocking_seconds=round(report.blocking_seconds, 4),
+                           total_seconds=round(report.total_seconds, 4), deleted=report.deleted)
+        grace = self.config.checkpoint.signal_grace_seconds
+        if report.total_seconds > grace and not getattr(self, "_warned_grace", False):
+            self._warned_grace = True
+            logger.warning(f"the last checkpoint took {report.total_seconds:.1f}s, longer than the "
+                           f"{grace:.0f}s a launcher allows after a signal (--signal-grace-seconds); an interrupt "
+                           f"save may be killed half-way. Use --async-save or raise the launcher's grace period")
+        return str(report.path)
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {**asdict(self.state), "task": self.task.name, "shape": self.task.shape,
+                "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
+                "mixed_precision": self.config.train.mixed_precision,
+                "device": self.accelerator.device.type, "async": False,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def _stop_on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        self.metrics.event("interrupt", self.state.global_step, signal=name)
+        logger.warning(f"{name} received: saving a checkpoint at step {self.state.global_step} and stopping")
+        checkpoint = self._save()
+        if self.is_main:
+            print(f"Stopped by {name} at step {self.state.global_step}; checkpoint {checkpoint}", flush=True)
+            print(f"Resume with: {resume_checks.resume_command(self.config.output_dir)}", flush=True)
+        raise Interrupted(signum, checkpoint)
+
+    # ------------------------------------------------------------------------------------------ start
+
+    def _start(self) -> None:
+        """Fresh start or resume; afterwards every rank holds the same TrainerState."""
+        cfg, ckpt_dir = self.config.checkpoint, self.checkpoints.dir
+        self._last_save_time = time.monotonic()
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        self.checkpoints.clean_stale()
+        resolution = resolve_resume(cfg.resume, ckpt_dir, cfg.verify_checksums)
+        for skipped in resolution.skipped:
+            logger.warning(f"skipping damaged checkpoint {skipped}")
+        if resolution.path is None:
+            existing = step_dirs(ckpt_dir)
+            if existing and not cfg.overwrite:
+                raise UsageError(f"{ckpt_dir} already holds {len(existing)} checkpoint(s) (newest "
+                                 f"{existing[-1].name}); resume with --resume latest, or pass --overwrite to "
+                                 f"start fresh and delete them")
+            if existing:
+                logger.warning(f"--overwrite: deleting {self.checkpoints.discard_all()} old checkpoint(s)")
+            self.metrics.reset()
+            self.metrics.event("start", 0, world_size=self.accelerator.num_processes, task=self.task.name,
+                               fingerprint=self.task.fingerprint, total_steps=self.total_steps)
+        else:
+            self._resume_from(resolution.path)
+        if self.is_main:
+            write_config(self.config, self.output_dir / "config.yaml")
+        self._init_trackers()
+        logger.info(f"{self.task.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
+                    f"{self.accelerator.num_processes} process(es) on {self.accelerator.device}, "
+                    f"{self.sampler.steps_per_epoch} steps per epoch, {self.total_steps} steps planned")
+
+    def _resume_from(self, path: Path) -> None:
+        saved = resume_checks.read_checkpoint_state(path)
+        resume_checks.check_compatible(saved, self.task, self.config, self.accelerator.unwrap_model(self.model), path)
+        loaded = self.checkpoints.load(path, fallback_seed=self.config.train.seed)
+        known = {k: v for k, v in loaded.items() if k in TrainerState.__dataclass_fields__}
+        self.state = TrainerState(**{**known, "world_size": self.accelerator.num_processes})
+        if loaded.get("world_size", 1) != self.accelerator.num_processes:
+            logger.warning(f"world size changed from {loaded.get('world_size')} to {self.accelerator.num_processes}: "
+                           f"continuing at sample {self.state.epoch_samples_seen} of epoch {self.state.epoch}; "
+                           f"the run is correct but not bit-identical to an uninterrupted one")
+        dropped = self.metrics.rewind(self.state.global_step)
+        self.metrics.event("resume", self.state.global_step, world_size=self.accelerator.num_processes,
+                           checkpoint=str(path), from_world_size=loaded.get("world_size"), dropped_records=dropped)
+        logger.info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch}, "
+                    f"sample {self.state.epoch_samples_seen} of the epoch)")
+
+    def _init_trackers(self) -> None:
+        if self.config.eval.log_with != "none":
+            self.accelerator.init_trackers(self.task.name.replace(":", "_"),
+                                           config={k: v for k, v in self.config.flat().items()
+                                                   if isinstance(v, (int, float, str, bool))})
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up, then cosine decay to `min_ratio` at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def task_from_pieces(model, loss_fn, train_dataloader: DataLoader, eval_dataloader: DataLoader | None) -> Task:
+    """Wraps a user's model, loss and DataLoaders as a Task (dtrain re-batches the datasets itself)."""
+    return Task(name=type(model).__name__, model=model, train_data=train_dataloader.dataset, loss=loss_fn,
+                eval_data=eval_dataloader.dataset if eval_dataloader is not None else None,
+                collate_fn=train_dataloader.collate_fn,
+                shape={"model": type(model).__name__,
+                       "parameters": {k: list(v.shape) for k, v in model.state_dict().items()}})
