@@ -28,7 +28,7 @@ def _opt(help: str, choices: tuple | None = None, **kwargs) -> dict:
 class TaskConfig:
     task: str = field(default="charlm", **_opt("built-in task (charlm, regression) or package.module:function"))
     data: str | None = field(default=None, **_opt("task input; charlm: a text file or folder (default: Python's stdlib sources)"))
-    block_size: int = field(default=128, **_opt("context length in characters (charlm)"))
+    block_size: int = field(default=64, **_opt("context length in characters (charlm)"))
     n_layer: int = field(default=4, **_opt("transformer layers (charlm) / hidden layers (regression)"))
     n_head: int = field(default=4, **_opt("attention heads (charlm)"))
     n_embd: int = field(default=128, **_opt("embedding / hidden width"))

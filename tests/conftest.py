@@ -1,0 +1,107 @@
+"""Shared helpers: running dtrain as real processes (with timeouts and cleanup) and comparing checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = str(REPO / "dtrain" / "train.py")
+CPU_2PROC = str(REPO / "launch_configs" / "cpu_2proc.yaml")
+# A small, fast configuration of the regression task: 128 optimizer steps per epoch at batch size 16.
+FAST = ["--task", "regression", "--batch-size", "16", "--n-layer", "2", "--n-embd", "32", "--log-every-steps", "5",
+        "--eval-every-steps", "20", "--eval-max-batches", "4", "--warmup-steps", "5"]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, **extra)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_cmd(*args: str, processes: int = 1) -> list[str]:
+    if processes == 1:
+        return [sys.executable, TRAIN, *args]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC,
+            "--main_process_port", str(free_port()), TRAIN, *args]
+
+
+class Runner:
+    """Starts processes in their own process group and kills whatever is left at the end of the test."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, cmd: list[str], cwd: Path | None = None, **env: str) -> subprocess.Popen:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=child_env(**env), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def run(self, cmd: list[str], cwd: Path | None = None, timeout: float = 180, **env: str):
+        proc = self.start(cmd, cwd, **env)
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(proc)
+            out, _ = proc.communicate()
+            pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n{out[-4000:]}")
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            self.kill(proc)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def runner():
+    r = Runner()
+    yield r
+    r.cleanup()
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.1, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def load_weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
