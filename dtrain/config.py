@@ -108,6 +108,7 @@ class CheckpointConfig:
     keep_best: int = field(default=0, **_opt("keep the best K checkpoints by --monitor; 0 = rule off"))
     keep_every_steps: int = field(default=0, **_opt("never prune checkpoints whose step is a multiple of N"))
     resume: str = field(default="none", **_opt("none, latest, best, auto, or a checkpoint PATH"))
+    init_from: str | None = field(default=None, **_opt("fresh start from the weights of this checkpoint dir or .safetensors file"))
     overwrite: bool = field(default=False, **_opt("allow a fresh start where checkpoints already exist"))
     async_save: bool = field(default=False, **_opt("write checkpoints in the background"))
     verify_checksums: bool = field(default=False, **_opt("check sha256 of every file before resuming"))

@@ -59,6 +59,11 @@ class InterruptHandler:
     def __exit__(self, *exc) -> None:
         self.uninstall()
 
+    def request(self, signum: int) -> None:
+        """Records a stop request as a signal would (used by `fit(stop_at_step=...)` and verify-resume)."""
+        if not self.requested:
+            self.requested, self._first_at = signum, time.monotonic()
+
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         now = time.monotonic()
         if not self.requested:

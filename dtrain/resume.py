@@ -48,9 +48,9 @@ def check_compatible(saved: dict[str, Any], task, config: Config, model, path: P
         logger.warning(f"the training data changed since {path.name}: {saved['fingerprint']} -> {task.fingerprint}")
 
 
-def check_tensors_fit(path: Path, model) -> None:
+def check_tensors_fit(path: Path, model, weights: Path | None = None) -> None:
     """Compares the saved weights' names and shapes with the model's, naming the first mismatches."""
-    weights = path / "model.safetensors"
+    weights = weights or path / "model.safetensors"
     if not weights.exists():
         return  # sharded (FSDP) layouts are checked by Accelerate itself
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -62,7 +62,20 @@ def check_tensors_fit(path: Path, model) -> None:
     problems += [f"{k}: not in the model" for k in saved if k not in expected]
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UsageError(f"--resume: {path.name} does not fit the model: {'; '.join(problems[:3])}{more}")
+        raise UsageError(f"{weights} does not fit the model: {'; '.join(problems[:3])}{more}")
+
+
+def load_initial_weights(model, source: str) -> None:
+    """`--init-from`: a fresh run that starts from another run's weights (optimizer and steps start anew)."""
+    from safetensors.torch import load_file
+
+    path = Path(source)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise UsageError(f"invalid value for init_from: {source!r}; accepted: a checkpoint directory "
+                         f"holding model.safetensors, or a .safetensors file")
+    check_tensors_fit(weights.parent, model, weights)
+    model.load_state_dict(load_file(str(weights)))
 
 
 def _flatten(config_dict: dict[str, Any]) -> dict[str, Any]:
@@ -105,8 +118,9 @@ def _launch_argv() -> list[str]:
             for i, arg in enumerate(parent[:2]):
                 if os.path.basename(arg) in ("accelerate", "torchrun"):
                     return [os.path.basename(arg), *parent[i + 1:]]
-            if len(parent) > 2 and parent[1:3] == ["-m", "torch.distributed.run"]:
-                return ["torchrun", *parent[3:]]
+            modules = {"torch.distributed.run": ["torchrun"], "accelerate.commands.launch": ["accelerate", "launch"]}
+            if len(parent) > 2 and parent[1] == "-m" and parent[2] in modules:
+                return [*modules[parent[2]], *parent[3:]]
         except OSError:
             pass
     if os.path.basename(sys.argv[0]) == "dtrain":

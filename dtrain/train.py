@@ -25,7 +25,7 @@ def build_parser(prog: str = "dtrain train") -> DtrainArgumentParser:
     return parser
 
 
-def train(config: Config):
+def train(config: Config, stop_at_step: int | None = None):
     """Trains the task a Config names; returns the FitResult (raises Interrupted on a signal)."""
     from accelerate.utils import set_seed
 
@@ -36,7 +36,7 @@ def train(config: Config):
     accelerator = make_accelerator(config)
     set_seed(config.train.seed)
     task = build_task(config.task, config.train.seed)
-    return Trainer(config, task, accelerator=accelerator).fit()
+    return Trainer(config, task, accelerator=accelerator).fit(stop_at_step=stop_at_step)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,6 +109,8 @@ class Trainer:
             eval_sampler = ShardedEvalSampler(len(self.task.eval_data), cfg.batch_size, acc.process_index,
                                               acc.num_processes, self.config.eval.eval_max_batches)
             self.eval_loader = make_loader(self.task.eval_data, eval_sampler, self.task.collate_fn, 0, cfg.seed)
+        if self.config.checkpoint.init_from:
+            resume_checks.load_initial_weights(self.task.model, self.config.checkpoint.init_from)
         optimizer = optimizer or torch.optim.AdamW(self.task.model.parameters(), lr=cfg.lr,
                                                    weight_decay=cfg.weight_decay)
         self.total_steps = self._planned_steps()
@@ -123,11 +126,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def fit(self) -> FitResult:
+    def fit(self, stop_at_step: int | None = None) -> FitResult:
+        """Trains to the end. `stop_at_step` acts like a SIGUSR1 arriving during that step (for verify-resume)."""
+        self._stop_at_step = stop_at_step
         with self.interrupts:
             self._start()
             progress = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not self.is_main,
-                            desc=f"{self.task.name}", dynamic_ncols=True)
+                            desc=f"{self.task.name}", dynamic_ncols=True,
+                            mininterval=0.5 if sys.stderr.isatty() else 30)
             self._loss_sum, self._loss_count, self._timer = torch.zeros((), device=self.accelerator.device), 0, time.perf_counter()
             state = self.state
             while not self._finished():
@@ -173,6 +179,8 @@ class Trainer:
             self._log_training(progress)
         if cfg.eval.eval_every_steps and step % cfg.eval.eval_every_steps == 0:
             self._evaluate()
+        if step == self._stop_at_step:
+            self.interrupts.request(signal.SIGUSR1)
         # One all-reduce per step carries both the interrupt flag and rank 0's wall-clock save decision.
         signum, time_due = self.interrupts.agree(self.accelerator.device, extra=float(self._save_time_due()))
         if (cfg.checkpoint.save_every_steps and step % cfg.checkpoint.save_every_steps == 0) or time_due:
@@ -302,9 +310,9 @@ class Trainer:
         self.metrics.event("interrupt", self.state.global_step, signal=name)
         logger.warning(f"{name} received: saving a checkpoint at step {self.state.global_step} and stopping")
         checkpoint = self._save()
-        if self.is_main:
+        if self.is_main and self._stop_at_step != self.state.global_step:
             print(f"Stopped by {name} at step {self.state.global_step}; checkpoint {checkpoint}", flush=True)
-            print(f"Resume with: {resume_checks.resume_command(self.config.output_dir)}", flush=True)
+            print(f"Resume with: {self._resume_command}", flush=True)
         raise Interrupted(signum, checkpoint)
 
     # ------------------------------------------------------------------------------------------ start
@@ -313,6 +321,8 @@ class Trainer:
         """Fresh start or resume; afterwards every rank holds the same TrainerState."""
         cfg, ckpt_dir = self.config.checkpoint, self.checkpoints.dir
         self._last_save_time = time.monotonic()
+        # Taken now: by the time a signal arrives, the launcher whose command line we read may be gone.
+        self._resume_command = resume_checks.resume_command(self.config.output_dir)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         barrier()

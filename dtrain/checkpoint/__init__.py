@@ -1,9 +1,23 @@
-"""Checkpoints: commit protocol, retention, resolving resume targets and verification."""
+"""Checkpoints: commit protocol (manager), retention (pure), resolving resume targets, verification (layout).
 
-from dtrain.checkpoint.layout import verify_checkpoint
-from dtrain.checkpoint.manager import CheckpointManager, SaveReport
-from dtrain.checkpoint.resolve import resolve_resume
-from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy
+Names are imported lazily so that the pure retention policy can be used without torch.
+"""
 
-__all__ = ["CheckpointManager", "CheckpointRecord", "RetentionPolicy", "SaveReport", "resolve_resume",
-           "verify_checkpoint"]
+_EXPORTS = {
+    "CheckpointManager": "dtrain.checkpoint.manager",
+    "SaveReport": "dtrain.checkpoint.manager",
+    "CheckpointRecord": "dtrain.checkpoint.retention",
+    "RetentionPolicy": "dtrain.checkpoint.retention",
+    "resolve_resume": "dtrain.checkpoint.resolve",
+    "verify_checkpoint": "dtrain.checkpoint.layout",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dtrain.checkpoint' has no attribute {name!r}")

@@ -62,6 +62,7 @@ class CheckpointManager:
         self.verify_checksums = verify_checksums
         self.resumed_from: int | None = None
         self.last_saved_step: int | None = None
+        self._saves_started = 0  # for fault injection (DTRAIN_FAULT_AFTER_SAVES)
 
     @property
     def is_main(self) -> bool:
@@ -94,11 +95,10 @@ class CheckpointManager:
         """Commits a checkpoint of the prepared objects at `step`. Raises CheckpointError on any rank's failure."""
         started = time.perf_counter()
         temp = self.dir / temp_dir_name(step)
-        self._on_all_ranks(step, temp, lambda: self._fresh_temp_dir(temp) if self.is_main else None)
-        self._reached("temp_created")
+        self._saves_started += 1
+        self._on_all_ranks(step, temp, lambda: self._fresh_temp_dir(temp))
         state = {**trainer_state, "checkpoint_metric": {"name": self.monitor, "value": metric}}
         self._on_all_ranks(step, temp, lambda: self._write_state(temp, state))
-        self._reached("state_written")
         outcome: dict[str, Any] = {}
         self._on_all_ranks(step, temp, lambda: outcome.update(self._commit(temp, step)) if self.is_main else None)
         deleted = self._apply_retention() if self.is_main else []
@@ -109,14 +109,17 @@ class CheckpointManager:
         return SaveReport(step, self.dir / step_dir_name(step), int(outcome.get("bytes", 0)), seconds, seconds, deleted)
 
     def _fresh_temp_dir(self, temp: Path) -> None:
-        if temp.exists():
-            _remove(temp)
-        temp.mkdir(parents=True)
+        if self.is_main:
+            if temp.exists():
+                _remove(temp)
+            temp.mkdir(parents=True)
+        self._reached("temp_created")
 
     def _write_state(self, temp: Path, state: dict[str, Any]) -> None:
         self.accelerator.save_state(str(temp))
         if self.is_main:
             (temp / TRAINER_STATE).write_text(json.dumps(state, indent=1, default=str))
+        self._reached("state_written")
 
     def _commit(self, temp: Path, step: int) -> dict[str, Any]:
         total = write_manifest(temp, step)
@@ -166,8 +169,10 @@ class CheckpointManager:
                               f"earlier checkpoints and pointers are unchanged") from error
 
     def _reached(self, stage: str) -> None:
-        """Fault injection for tests: DTRAIN_FAULT_AT=<stage> makes this process die there with SIGKILL."""
-        if os.environ.get("DTRAIN_FAULT_AT") == stage:
+        """Fault injection for tests: DTRAIN_FAULT_AT=<stage> makes this process die there with SIGKILL,
+        in the first save after DTRAIN_FAULT_AFTER_SAVES (default 0) saves of this process."""
+        if (os.environ.get("DTRAIN_FAULT_AT") == stage
+                and self._saves_started > int(os.environ.get("DTRAIN_FAULT_AFTER_SAVES", "0"))):
             os.kill(os.getpid(), 9)
 
     # ----------------------------------------------------------------------------------------- reading

@@ -1,0 +1,27 @@
+"""dtrain: a distributed-ready PyTorch trainer on Hugging Face Accelerate whose runs survive interruptions.
+
+    from dtrain import Config, Trainer, Task, CheckpointManager
+
+Names are imported lazily, so `import dtrain.checkpoint.retention` (pure logic) does not pull in torch.
+"""
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Config": "dtrain.config",
+    "Trainer": "dtrain.trainer",
+    "FitResult": "dtrain.trainer",
+    "Task": "dtrain.tasks.base",
+    "CheckpointManager": "dtrain.checkpoint.manager",
+    "RetentionPolicy": "dtrain.checkpoint.retention",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dtrain' has no attribute {name!r}")
