@@ -25,8 +25,21 @@ def make_accelerator(config: Config) -> Accelerator:
     precision = config.train.mixed_precision
     if device == "cpu" and precision == "fp16":
         raise UsageError("invalid value for mixed_precision: 'fp16' needs a GPU; accepted on the CPU: no, bf16")
+    try:
+        accelerator = _create(config, device, precision)
+    except ValueError as exc:  # Accelerate's message for an inconsistent launch environment (MASTER_ADDR, ...)
+        raise UsageError(f"could not set up Accelerate for this launch: {exc}") from None
+    launched_ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_ranks > 1 and accelerator.num_processes != launched_ranks:
+        raise UsageError(f"launched with WORLD_SIZE={launched_ranks} but Accelerate set up "
+                         f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}); "
+                         f"refusing to train as independent single processes")
+    return accelerator
+
+
+def _create(config: Config, device: str, precision: str) -> Accelerator:
     log_with = None if config.eval.log_with == "none" else config.eval.log_with
-    accelerator = Accelerator(
+    return Accelerator(
         cpu=device == "cpu",  # on the CPU this is what makes multi-process runs use gloo (MULTI_CPU)
         mixed_precision=precision,
         gradient_accumulation_steps=config.train.grad_accum,
@@ -34,9 +47,3 @@ def make_accelerator(config: Config) -> Accelerator:
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
     )
-    launched_ranks = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched_ranks > 1 and accelerator.num_processes != launched_ranks:
-        raise UsageError(f"launched with WORLD_SIZE={launched_ranks} but Accelerate set up "
-                         f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}); "
-                         f"refusing to train as independent single processes")
-    return accelerator

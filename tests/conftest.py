@@ -21,9 +21,9 @@ FAST = ["--task", "regression", "--batch-size", "16", "--n-layer", "2", "--n-emb
 
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
-    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, **extra)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}, **extra)
     return env
 
 
@@ -36,10 +36,15 @@ def free_port() -> int:
 
 
 def train_cmd(*args: str, processes: int = 1) -> list[str]:
+    return launch_cmd(TRAIN, *args, processes=processes)
+
+
+def launch_cmd(script: str, *args: str, processes: int = 1) -> list[str]:
+    """`python SCRIPT ARGS`, or with 2 processes `accelerate launch --config_file cpu_2proc.yaml SCRIPT ARGS`."""
     if processes == 1:
-        return [sys.executable, TRAIN, *args]
+        return [sys.executable, script, *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC,
-            "--main_process_port", str(free_port()), TRAIN, *args]
+            "--main_process_port", str(free_port()), script, *args]
 
 
 class Runner:
