@@ -5,7 +5,12 @@
 Names are imported lazily, so `import dtrain.checkpoint.retention` (pure logic) does not pull in torch.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# Read before anything heavy is imported: a launcher that dies while torch is still loading must be noticed too.
+PARENT_PID_AT_START = os.getppid()
 
 _EXPORTS = {
     "Config": "dtrain.config",

@@ -17,6 +17,7 @@ import threading
 import time
 from types import FrameType
 
+import dtrain
 from dtrain.distributed import all_reduce_max
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -43,7 +44,7 @@ class InterruptHandler:
         for sig in HANDLED:
             self._previous[sig] = signal.signal(sig, self._handle)
         if self.watch_parent:
-            threading.Thread(target=self._watch_parent, args=(os.getppid(),), daemon=True,
+            threading.Thread(target=self._watch_parent, args=(dtrain.PARENT_PID_AT_START,), daemon=True,
                              name="dtrain-parent-watch").start()
         return self
 
@@ -75,9 +76,11 @@ class InterruptHandler:
 
     def _watch_parent(self, parent: int) -> None:
         # The single-process `accelerate launch` does not forward SIGTERM: when it dies we are re-parented.
-        while not self._stop_watching.wait(self.poll_seconds):
+        while True:
             if os.getppid() != parent:
                 os.kill(os.getpid(), signal.SIGTERM)
+                return
+            if self._stop_watching.wait(self.poll_seconds):
                 return
 
     def agree(self, device="cpu", extra: float = 0.0) -> tuple[int, float]:

@@ -185,6 +185,8 @@ class Trainer:
         signum, time_due = self.interrupts.agree(self.accelerator.device, extra=float(self._save_time_due()))
         if (cfg.checkpoint.save_every_steps and step % cfg.checkpoint.save_every_steps == 0) or time_due:
             self._save()
+            if not signum:  # a signal that arrived during the save stops us now, without saving this step again
+                signum, _ = self.interrupts.agree(self.accelerator.device)
         if signum:
             self._stop_on_signal(signum)
 
@@ -308,7 +310,8 @@ class Trainer:
     def _stop_on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         self.metrics.event("interrupt", self.state.global_step, signal=name)
-        logger.warning(f"{name} received: saving a checkpoint at step {self.state.global_step} and stopping")
+        logger.warning(f"{name} received: saving a checkpoint at step {self.state.global_step} and stopping",
+                       main_process_only=False)
         checkpoint = self._save()
         if self.is_main and self._stop_at_step != self.state.global_step:
             print(f"Stopped by {name} at step {self.state.global_step}; checkpoint {checkpoint}", flush=True)
