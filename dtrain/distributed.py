@@ -10,18 +10,23 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_max(values: list[float], device: torch.device | str = "cpu") -> list[float]:
-    """Element-wise maximum over ranks (identity in a single process)."""
+def all_reduce_max(values: list[float], device: torch.device | str = "cpu", group=None) -> list[float]:
+    """Element-wise maximum over ranks (identity in a single process). `group`: a side group (CPU tensors)."""
     if not is_distributed():
         return list(values)
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    tensor = torch.tensor(values, dtype=torch.float64, device="cpu" if group is not None else device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
     return tensor.tolist()
 
 
-def all_ranks_ok(ok: bool, device: torch.device | str = "cpu") -> bool:
+def all_ranks_ok(ok: bool, device: torch.device | str = "cpu", group=None) -> bool:
     """True only if every rank reports ok. Doubles as a barrier that cannot hang when a rank failed."""
-    return all_reduce_max([0.0 if ok else 1.0], device)[0] == 0.0
+    return all_reduce_max([0.0 if ok else 1.0], device, group)[0] == 0.0
+
+
+def new_side_group():
+    """A separate gloo group for collectives issued from a background thread (never the training group)."""
+    return dist.new_group(backend="gloo") if is_distributed() else None
 
 
 def barrier() -> None:

@@ -83,7 +83,7 @@ class InterruptHandler:
             if self._stop_watching.wait(self.poll_seconds):
                 return
 
-    def agree(self, device="cpu", extra: float = 0.0) -> tuple[int, float]:
-        """All ranks learn whether any rank was interrupted (and by which signal), plus the max of `extra`."""
-        requested, extra = all_reduce_max([float(self.requested), float(extra)], device)
-        return int(requested), extra
+    def agree(self, device="cpu", *flags: float) -> tuple[int, list[float]]:
+        """All ranks learn whether any rank was interrupted (and by which signal), plus the max of each flag."""
+        requested, *flags = all_reduce_max([float(self.requested), *map(float, flags)], device)
+        return int(requested), flags

@@ -8,6 +8,7 @@ consumes is put back, so a resumed run draws exactly the numbers an uninterrupte
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import sys
@@ -28,7 +29,7 @@ from dtrain.checkpoint.layout import step_dirs
 from dtrain.config import Config, write_config
 from dtrain.data import ResumableBatchSampler, ShardedEvalSampler, make_loader
 from dtrain.distributed import barrier
-from dtrain.errors import Interrupted, UsageError
+from dtrain.errors import CheckpointError, Interrupted, UsageError
 from dtrain.interrupt import InterruptHandler
 from dtrain.metrics import MetricsLog
 from dtrain.rng import preserved_rng
@@ -92,7 +93,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             self.accelerator, self.output_dir / "checkpoints",
             RetentionPolicy(ckpt.keep_last, ckpt.keep_best, ckpt.keep_every_steps, self.config.eval.mode),
-            monitor=self.config.eval.monitor, verify_checksums=ckpt.verify_checksums)
+            monitor=self.config.eval.monitor, verify_checksums=ckpt.verify_checksums, async_save=ckpt.async_save)
         self.interrupts = InterruptHandler()
         self._build_training_objects(optimizer)
 
@@ -129,7 +130,7 @@ class Trainer:
     def fit(self, stop_at_step: int | None = None) -> FitResult:
         """Trains to the end. `stop_at_step` acts like a SIGUSR1 arriving during that step (for verify-resume)."""
         self._stop_at_step = stop_at_step
-        with self.interrupts:
+        with self.interrupts, self._waiting_for_background_saves():
             self._start()
             progress = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not self.is_main,
                             desc=f"{self.task.name}", dynamic_ncols=True,
@@ -158,6 +159,14 @@ class Trainer:
             progress.close()
             return self._finish()
 
+    @contextlib.contextmanager
+    def _waiting_for_background_saves(self):
+        try:
+            yield
+        except BaseException:
+            self.checkpoints.wait(raise_error=False)  # an exception must not abandon a save half-way
+            raise
+
     def _micro_step(self, batch) -> None:
         with self.accelerator.accumulate(self.model):
             with self.accelerator.autocast():
@@ -181,8 +190,14 @@ class Trainer:
             self._evaluate()
         if step == self._stop_at_step:
             self.interrupts.request(signal.SIGUSR1)
-        # One all-reduce per step carries both the interrupt flag and rank 0's wall-clock save decision.
-        signum, time_due = self.interrupts.agree(self.accelerator.device, extra=float(self._save_time_due()))
+        self._log_checkpoint(self.checkpoints.poll())  # a background save that committed meanwhile
+        # One all-reduce per step carries the interrupt flag, rank 0's wall-clock save decision and whether a
+        # background save failed on any rank, so every rank acts on them at the same step.
+        signum, (time_due, save_failed) = self.interrupts.agree(
+            self.accelerator.device, self._save_time_due(), self.checkpoints.background_error is not None)
+        if save_failed:
+            raise self.checkpoints.background_error or CheckpointError(
+                "a background checkpoint save failed on another rank; earlier checkpoints are unchanged")
         if (cfg.checkpoint.save_every_steps and step % cfg.checkpoint.save_every_steps == 0) or time_due:
             self._save()
             if not signum:  # a signal that arrived during the save stops us now, without saving this step again
@@ -199,7 +214,7 @@ class Trainer:
         state = self.state
         if self.eval_loader is not None and state.last_eval_step != state.global_step:
             self._evaluate()
-        checkpoint = self._save()
+        checkpoint = self._save(wait=True)
         reason = "early_stop" if state.stopped_early else "finished"
         self.metrics.event("end", state.global_step, reason=reason, epoch=state.epoch)
         logger.info(f"training {reason} at step {state.global_step}; last checkpoint {checkpoint}")
@@ -281,14 +296,25 @@ class Trainer:
         every = self.config.checkpoint.save_every_seconds
         return bool(self.is_main and every and time.monotonic() - self._last_save_time >= every)
 
-    def _save(self) -> str:
-        """Commits a checkpoint of the current step (once per step) and logs the `checkpoint` event."""
+    def _save(self, wait: bool = False) -> str:
+        """Saves the current step (once per step). With --async-save the commit finishes in the background
+        unless `wait`; its `checkpoint` event is logged once it has committed."""
         state = self.state
-        if self.checkpoints.last_saved_step == state.global_step:
-            return str(self.checkpoints.dir / f"step_{state.global_step:09d}")
-        metric = state.last_eval.get(self.config.eval.monitor) if state.last_eval_step == state.global_step else None
-        report = self.checkpoints.save(state.global_step, self._checkpoint_state(), metric)
-        self._last_save_time = time.monotonic()
+        path = str(self.checkpoints.dir / f"step_{state.global_step:09d}")
+        if self.checkpoints.last_saved_step != state.global_step:
+            metric = state.last_eval.get(self.config.eval.monitor) if state.last_eval_step == state.global_step else None
+            self._log_checkpoint(self.checkpoints.wait())  # the previous background save, if still in flight
+            report = self.checkpoints.save(state.global_step, self._checkpoint_state(), metric)
+            self._last_save_time = time.monotonic()
+            if not self.checkpoints.async_save:
+                self._log_checkpoint(report)
+        if wait:
+            self._log_checkpoint(self.checkpoints.wait())
+        return path
+
+    def _log_checkpoint(self, report) -> None:
+        if report is None:
+            return
         self.metrics.event("checkpoint", report.step, path=str(report.path), bytes=report.bytes,
                            blocking_seconds=round(report.blocking_seconds, 4),
                            total_seconds=round(report.total_seconds, 4), deleted=report.deleted)
@@ -298,13 +324,12 @@ class Trainer:
             logger.warning(f"the last checkpoint took {report.total_seconds:.1f}s, longer than the "
                            f"{grace:.0f}s a launcher allows after a signal (--signal-grace-seconds); an interrupt "
                            f"save may be killed half-way. Use --async-save or raise the launcher's grace period")
-        return str(report.path)
 
     def _checkpoint_state(self) -> dict[str, Any]:
         return {**asdict(self.state), "task": self.task.name, "shape": self.task.shape,
                 "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
                 "mixed_precision": self.config.train.mixed_precision,
-                "device": self.accelerator.device.type, "async": False,
+                "device": self.accelerator.device.type, "async": self.checkpoints.async_save,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def _stop_on_signal(self, signum: int) -> None:
@@ -312,7 +337,7 @@ class Trainer:
         self.metrics.event("interrupt", self.state.global_step, signal=name)
         logger.warning(f"{name} received: saving a checkpoint at step {self.state.global_step} and stopping",
                        main_process_only=False)
-        checkpoint = self._save()
+        checkpoint = self._save(wait=True)
         if self.is_main and self._stop_at_step != self.state.global_step:
             print(f"Stopped by {name} at step {self.state.global_step}; checkpoint {checkpoint}", flush=True)
             print(f"Resume with: {self._resume_command}", flush=True)

@@ -2,7 +2,8 @@
 
 The commit protocol (DESIGN.md):
   1. rank 0 creates a fresh `.tmp-step_N` (one deterministic name shared by all ranks); agreement
-  2. every rank calls `save_state` into it; rank 0 adds `trainer_state.json`; agreement
+  2. every rank calls `save_state` into it (or, with async saves, writes its host snapshot of the same state
+     from a background thread); rank 0 adds `trainer_state.json`; agreement
   3. rank 0 hashes and fsyncs every file, writes `manifest.json` last, renames the temp dir to `step_N`,
      fsyncs `checkpoints/` and replaces the `latest` (and `best`) pointers atomically; agreement
   4. rank 0 applies retention: rename to a `.trash-` name, then remove.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,7 +31,8 @@ from dtrain.checkpoint.layout import (BEST, LATEST, TRAINER_STATE, parse_step, r
                                       step_dir_name, step_dirs, temp_dir_name, verify_checkpoint, write_manifest,
                                       write_pointer)
 from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, best_checkpoint, checkpoints_to_delete
-from dtrain.distributed import all_ranks_ok, barrier
+from dtrain.checkpoint.snapshot import HostCopier, Snapshot, supports_snapshot, take_snapshot
+from dtrain.distributed import all_ranks_ok, barrier, new_side_group
 from dtrain.errors import CheckpointError
 from dtrain.utils import fsync_path
 
@@ -54,7 +57,7 @@ class CheckpointManager:
 
     def __init__(self, accelerator: Accelerator, checkpoints_dir: str | Path,
                  policy: RetentionPolicy = RetentionPolicy(), monitor: str = "val_loss",
-                 verify_checksums: bool = False):
+                 verify_checksums: bool = False, async_save: bool = False):
         self.accelerator = accelerator
         self.dir = Path(checkpoints_dir)
         self.policy = policy
@@ -63,6 +66,17 @@ class CheckpointManager:
         self.resumed_from: int | None = None
         self.last_saved_step: int | None = None
         self._saves_started = 0  # for fault injection (DTRAIN_FAULT_AFTER_SAVES)
+        self._last_bytes = 0  # size of the last committed checkpoint, to recognise a full disk
+        self.async_save = async_save and supports_snapshot(accelerator)
+        if async_save and not self.async_save:
+            logger.warning(f"--async-save is not supported with {accelerator.distributed_type}: saving synchronously")
+        self._copier = HostCopier()
+        self._in_flight: threading.Thread | None = None
+        self._result: SaveReport | BaseException | None = None
+        self.background_error: BaseException | None = None
+        # Background threads agree over their own gloo group, never over the training loop's (TorchTitan does
+        # the same): collectives of two threads on one group could interleave or deadlock.
+        self._side_group = new_side_group() if self.async_save else None
 
     @property
     def is_main(self) -> bool:
@@ -71,11 +85,14 @@ class CheckpointManager:
     # ----------------------------------------------------------------------------------------- start-up
 
     def clean_stale(self) -> None:
-        """Removes temp and trash directories that a crash left behind (rank 0), then waits for it."""
+        """Removes temp and trash directories (and half-written pointer files, `.latest.tmp-PID`) that a crash
+        left behind (rank 0), then waits for it."""
         if self.is_main and self.dir.is_dir():
             for path in self.dir.iterdir():
-                if path.name.startswith((".tmp-", ".trash-")):
+                if path.name.startswith((".tmp-", ".trash-")) and path.is_dir():
                     _remove(path)
+                elif path.name.startswith(".") and ".tmp-" in path.name and not path.is_dir():
+                    path.unlink(missing_ok=True)
         barrier()
 
     def discard_all(self) -> int:
@@ -92,21 +109,74 @@ class CheckpointManager:
     # ----------------------------------------------------------------------------------------- saving
 
     def save(self, step: int, trainer_state: dict[str, Any], metric: float | None = None) -> SaveReport:
-        """Commits a checkpoint of the prepared objects at `step`. Raises CheckpointError on any rank's failure."""
+        """Commits a checkpoint of the prepared objects at `step` (call on every rank).
+
+        Synchronous: returns once committed. With `async_save`: returns once the state is copied to host
+        memory; files are written and committed in the background with the same protocol (see `poll`/`wait`).
+        Raises CheckpointError on any rank's failure, the previous background save's included.
+        """
         started = time.perf_counter()
+        self.wait()  # at most one save in flight; waiting for it counts as blocking
         temp = self.dir / temp_dir_name(step)
         self._saves_started += 1
-        self._on_all_ranks(step, temp, lambda: self._fresh_temp_dir(temp))
         state = {**trainer_state, "checkpoint_metric": {"name": self.monitor, "value": metric}}
-        self._on_all_ranks(step, temp, lambda: self._write_state(temp, state))
+        self._on_all_ranks(step, temp, lambda: self._fresh_temp_dir(temp))
+        if not self.async_save:
+            self._on_all_ranks(step, temp, lambda: self._write_files(temp, state, None))
+            return self._commit_and_prune(step, temp, started, blocking=None)
+        snapshot = take_snapshot(self.accelerator, self._copier)
+        blocking = time.perf_counter() - started
+        self.last_saved_step = step
+        self._in_flight = threading.Thread(target=self._commit_in_background, name="dtrain-async-save",
+                                           args=(step, temp, state, snapshot, started, blocking), daemon=True)
+        self._in_flight.start()
+        return SaveReport(step, self.dir / step_dir_name(step), 0, blocking, float("nan"))
+
+    def poll(self) -> SaveReport | None:
+        """The report of a background save that has finished since the last call (non-blocking), else None.
+        A failed one is kept in `background_error` (check it at an agreed point on every rank)."""
+        if self._in_flight is None or self._in_flight.is_alive():
+            return None
+        return self._collect(raise_error=False)
+
+    def wait(self, raise_error: bool = True) -> SaveReport | None:
+        """Waits for the background save in flight, if any; returns its report or raises its error."""
+        if self._in_flight is None:
+            return None
+        while self._in_flight.is_alive():
+            self._in_flight.join(0.1)  # short joins keep signal handlers (a second Ctrl+C) responsive
+        return self._collect(raise_error)
+
+    def _collect(self, raise_error: bool) -> SaveReport | None:
+        self._in_flight, result, self._result = None, self._result, None
+        if isinstance(result, BaseException):
+            self.background_error = result
+            if raise_error:
+                raise result
+            return None
+        return result
+
+    def _commit_in_background(self, step: int, temp: Path, state: dict[str, Any], snapshot: Snapshot,
+                              started: float, blocking: float) -> None:
+        try:
+            self._on_all_ranks(step, temp, lambda: self._write_files(temp, state, snapshot), self._side_group)
+            self._result = self._commit_and_prune(step, temp, started, blocking, self._side_group)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            self._result = exc
+
+    def _commit_and_prune(self, step: int, temp: Path, started: float, blocking: float | None,
+                          group=None) -> SaveReport:
         outcome: dict[str, Any] = {}
-        self._on_all_ranks(step, temp, lambda: outcome.update(self._commit(temp, step)) if self.is_main else None)
+        self._on_all_ranks(step, temp, lambda: outcome.update(self._commit(temp, step)) if self.is_main else None,
+                           group)
         deleted = self._apply_retention() if self.is_main else []
         self._reached("retention_done")
-        barrier()
+        all_ranks_ok(True, self.accelerator.device, group)  # barrier: everyone leaves after the commit
         self.last_saved_step = step
+        self._last_bytes = int(outcome.get("bytes", 0))
         seconds = time.perf_counter() - started
-        return SaveReport(step, self.dir / step_dir_name(step), int(outcome.get("bytes", 0)), seconds, seconds, deleted)
+        return SaveReport(step, self.dir / step_dir_name(step), self._last_bytes,
+                          seconds if blocking is None else blocking, seconds, deleted)
 
     def _fresh_temp_dir(self, temp: Path) -> None:
         if self.is_main:
@@ -115,8 +185,11 @@ class CheckpointManager:
             temp.mkdir(parents=True)
         self._reached("temp_created")
 
-    def _write_state(self, temp: Path, state: dict[str, Any]) -> None:
-        self.accelerator.save_state(str(temp))
+    def _write_files(self, temp: Path, state: dict[str, Any], snapshot: Snapshot | None) -> None:
+        if snapshot is None:
+            self.accelerator.save_state(str(temp))
+        else:
+            snapshot.write(temp)
         if self.is_main:
             (temp / TRAINER_STATE).write_text(json.dumps(state, indent=1, default=str))
         self._reached("state_written")
@@ -153,26 +226,40 @@ class CheckpointManager:
                 logger.warning(f"retention could not delete {step_dir_name(step)}: {exc}")
         return deleted
 
-    def _on_all_ranks(self, step: int, temp: Path, action: Callable[[], Any]) -> None:
+    def _on_all_ranks(self, step: int, temp: Path, action: Callable[[], Any], group=None) -> None:
         """Runs one protocol phase on this rank, then agrees with all ranks that it worked everywhere."""
         error: BaseException | None = None
         try:
             action()
         except Exception as exc:  # noqa: BLE001 - every failure must reach the agreement below
             error = exc
-        if all_ranks_ok(error is None, self.accelerator.device):
+        if all_ranks_ok(error is None, self.accelerator.device, group):
             return
         if self.is_main and temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
         reason = f"{type(error).__name__}: {error}" if error else "another rank failed"
-        raise CheckpointError(f"saving checkpoint {step_dir_name(step)} failed ({reason}); "
+        raise CheckpointError(f"saving checkpoint {step_dir_name(step)} failed ({reason}){self._disk_hint()}; "
                               f"earlier checkpoints and pointers are unchanged") from error
 
+    def _disk_hint(self) -> str:
+        """Names a full disk, which torch.save reports only as an obscure 'unexpected pos' error."""
+        try:
+            free = shutil.disk_usage(self.dir).free
+        except OSError:
+            return ""
+        if free >= max(self._last_bytes, 1 << 20):
+            return ""
+        return f"; the disk holding {self.dir} is probably full ({free / 2**20:.1f} MiB free)"
+
     def _reached(self, stage: str) -> None:
-        """Fault injection for tests: DTRAIN_FAULT_AT=<stage> makes this process die there with SIGKILL,
+        """Fault injection for tests: DTRAIN_FAULT_AT=<stage> makes this process die there with SIGKILL
+        (`<stage>:raise` raises an OSError instead),
         in the first save after DTRAIN_FAULT_AFTER_SAVES (default 0) saves of this process."""
-        if (os.environ.get("DTRAIN_FAULT_AT") == stage
+        fault = os.environ.get("DTRAIN_FAULT_AT", "")
+        if (fault.split(":")[0] == stage
                 and self._saves_started > int(os.environ.get("DTRAIN_FAULT_AFTER_SAVES", "0"))):
+            if fault.endswith(":raise"):
+                raise OSError(f"injected fault at {stage}")
             os.kill(os.getpid(), 9)
 
     # ----------------------------------------------------------------------------------------- reading

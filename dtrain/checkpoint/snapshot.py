@@ -1,0 +1,103 @@
+"""A host-memory copy of what `Accelerator.save_state` writes, for saving in the background.
+
+Taking the snapshot is the only part of an `--async-save` checkpoint that holds the training loop. Writing it
+produces the same files, with the same names and formats, as `save_state` (safetensors weights, torch.save'd
+optimizer/scheduler/scaler state, one `random_states_{rank}.pkl` per rank), so `Accelerator.load_state` loads it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import save as accelerate_save
+
+
+def _numbered(name: str, ext: str, index: int) -> str:
+    return f"{name}.{ext}" if index == 0 else f"{name}_{index}.{ext}"
+
+
+class HostCopier:
+    """Copies tensors to host memory; on a GPU into reused pinned buffers, so snapshots stay cheap."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._pending_cuda = False
+
+    def copy(self, value: Any, key: tuple = ()) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cpu":
+                return value.detach().clone()
+            buffer = self._buffers.get(key)
+            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+                buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
+                self._buffers[key] = buffer
+            buffer.copy_(value.detach(), non_blocking=True)
+            self._pending_cuda = True
+            return buffer
+        if isinstance(value, dict):
+            return {k: self.copy(v, (*key, k)) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self.copy(v, (*key, i)) for i, v in enumerate(value))
+        return value
+
+    def finish(self) -> None:
+        if self._pending_cuda:
+            torch.cuda.synchronize()
+            self._pending_cuda = False
+
+
+@dataclass
+class Snapshot:
+    process_index: int
+    models: list[dict] = field(default_factory=list)  # main process only
+    optimizers: list[dict] = field(default_factory=list)
+    schedulers: list[dict] = field(default_factory=list)
+    scaler: dict | None = None
+    rng: dict[str, Any] = field(default_factory=dict)
+    is_main: bool = False
+
+    def write(self, directory: Path) -> None:
+        """Writes the files `save_state` would write, from this process."""
+        if self.is_main:
+            for i, state in enumerate(self.models):
+                accelerate_save(state, directory / _numbered("model", "safetensors", i), safe_serialization=True)
+            for i, state in enumerate(self.optimizers):
+                accelerate_save(state, directory / _numbered("optimizer", "bin", i), safe_serialization=False)
+            for i, state in enumerate(self.schedulers):
+                accelerate_save(state, directory / _numbered("scheduler", "bin", i), safe_serialization=False)
+        if self.scaler is not None:
+            torch.save(self.scaler, directory / "scaler.pt")
+        torch.save(self.rng, directory / f"random_states_{self.process_index}.pkl")
+
+
+def supports_snapshot(accelerator: Accelerator) -> bool:
+    """Sharded (FSDP/DeepSpeed) state is saved by Accelerate's own collective code: no background copy."""
+    return str(accelerator.distributed_type) not in ("DistributedType.FSDP", "DistributedType.DEEPSPEED",
+                                                     "FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def take_snapshot(accelerator: Accelerator, copier: HostCopier) -> Snapshot:
+    """Copies model, optimizer, scheduler, scaler and RNG state to host memory (call on every rank)."""
+    snap = Snapshot(process_index=accelerator.process_index, is_main=accelerator.is_main_process)
+    models = [accelerator.get_state_dict(m, unwrap=False) for m in accelerator._models]  # noqa: SLF001
+    if snap.is_main:
+        snap.models = [copier.copy(m, ("model", i)) for i, m in enumerate(models)]
+        snap.optimizers = [copier.copy(o.state_dict(), ("optimizer", i))
+                           for i, o in enumerate(accelerator._optimizers)]  # noqa: SLF001
+        snap.schedulers = [copier.copy(s.state_dict(), ("scheduler", i))
+                           for i, s in enumerate(accelerator._schedulers)]  # noqa: SLF001
+    if accelerator.scaler is not None:
+        snap.scaler = copier.copy(accelerator.scaler.state_dict(), ("scaler",))
+    # The same keys as Accelerate's save_accelerator_state, read now rather than when the file is written.
+    snap.rng = {"step": accelerator.step, "random_state": random.getstate(),
+                "numpy_random_seed": np.random.get_state(), "torch_manual_seed": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        snap.rng["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
+    copier.finish()
+    return snap
