@@ -191,3 +191,38 @@ def test_launcher_death_is_noticed_through_the_parent_watch(tmp_path):
         parent.kill()
     assert f"requested {int(signal.SIGTERM)}" in (tmp_path / "child.log").read_text()
     assert InterruptHandler(watch_parent=False).requested == 0
+
+
+def test_second_ctrl_c_during_a_save_aborts_at_once_and_loses_nothing_committed(runner, tmp_path):
+    out = tmp_path / "run"
+    # The second save holds for a minute after writing its files, so both Ctrl+C land inside it.
+    proc = runner.start([sys.executable, TRAIN, *LONG, "--output-dir", str(out)], cwd=REPO,
+                        DTRAIN_FAULT_AT="state_written:sleep=60", DTRAIN_FAULT_AFTER_SAVES="1")
+    checkpoints = out / "checkpoints"
+    wait_for(lambda: any((p / "trainer_state.json").exists() for p in checkpoints.glob(".tmp-*")),
+             what="the second save to be half-way")
+    proc.send_signal(signal.SIGINT)
+    import time
+
+    time.sleep(1.5)  # a person's second press, not the launcher's echo of the first
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=20)  # far less than the save's minute: it did not wait for it
+    assert proc.returncode == 130
+    assert "second Ctrl+C" in output
+    assert (checkpoints / "latest").read_text().strip() == "step_000000020"
+    assert verify_checkpoint(checkpoints / "step_000000020", checksums=True).ok
+    assert list(checkpoints.glob(".tmp-*")), "the half-written save stays a dot-dir"
+    assert [p.name for p in checkpoints.iterdir() if p.name.startswith("step_")] == ["step_000000020"]
+
+
+def test_signal_during_a_periodic_save_stops_right_after_it_without_a_second_save(runner, tmp_path):
+    out = tmp_path / "run"
+    proc = runner.start([sys.executable, TRAIN, *LONG, "--output-dir", str(out)], cwd=REPO,
+                        DTRAIN_FAULT_AT="state_written:sleep=3", DTRAIN_FAULT_AFTER_SAVES="1")
+    wait_for(lambda: any((p / "trainer_state.json").exists() for p in (out / "checkpoints").glob(".tmp-*")),
+             what="the second save to be half-way")
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output[-2000:]
+    step = assert_interrupt_checkpoint(out, "SIGTERM")
+    assert step == 40, "stopped at the step of the save it interrupted, with no extra training step"

@@ -253,13 +253,16 @@ class CheckpointManager:
 
     def _reached(self, stage: str) -> None:
         """Fault injection for tests: DTRAIN_FAULT_AT=<stage> makes this process die there with SIGKILL
-        (`<stage>:raise` raises an OSError instead),
+        (`<stage>:raise` raises an OSError instead, `<stage>:sleep=S` pauses S seconds),
         in the first save after DTRAIN_FAULT_AFTER_SAVES (default 0) saves of this process."""
         fault = os.environ.get("DTRAIN_FAULT_AT", "")
         if (fault.split(":")[0] == stage
                 and self._saves_started > int(os.environ.get("DTRAIN_FAULT_AFTER_SAVES", "0"))):
             if fault.endswith(":raise"):
                 raise OSError(f"injected fault at {stage}")
+            if ":sleep=" in fault:  # hold the save here, e.g. to signal a process in the middle of one
+                time.sleep(float(fault.split(":sleep=")[1]))
+                return
             os.kill(os.getpid(), 9)
 
     # ----------------------------------------------------------------------------------------- reading
