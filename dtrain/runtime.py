@@ -6,6 +6,7 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 
 from dtrain.config import Config
@@ -25,6 +26,12 @@ def make_accelerator(config: Config) -> Accelerator:
     precision = config.train.mixed_precision
     if device == "cpu" and precision == "fp16":
         raise UsageError("invalid value for mixed_precision: 'fp16' needs a GPU; accepted on the CPU: no, bf16")
+    if config.eval.log_with in ("tensorboard", "wandb"):
+        from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+        if not {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}[config.eval.log_with]():
+            raise UsageError(f"invalid value for log_with: {config.eval.log_with!r}: the package is not installed "
+                             f"(pip install {config.eval.log_with}); accepted here: none, all")
     try:
         accelerator = _create(config, device, precision)
     except ValueError as exc:  # Accelerate's message for an inconsistent launch environment (MASTER_ADDR, ...)
@@ -38,6 +45,11 @@ def make_accelerator(config: Config) -> Accelerator:
 
 
 def _create(config: Config, device: str, precision: str) -> Accelerator:
+    # Accelerate keeps its settings in process-wide singletons that refuse a second, different Accelerator.
+    # Several trainings may run in one process (pipeline stages, verify-resume): start each from clean settings,
+    # keeping the process group (PartialState) that the launcher set up.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     log_with = None if config.eval.log_with == "none" else config.eval.log_with
     return Accelerator(
         cpu=device == "cpu",  # on the CPU this is what makes multi-process runs use gloo (MULTI_CPU)
