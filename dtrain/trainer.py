@@ -218,7 +218,8 @@ class Trainer:
         reason = "early_stop" if state.stopped_early else "finished"
         self.metrics.event("end", state.global_step, reason=reason, epoch=state.epoch)
         logger.info(f"training {reason} at step {state.global_step}; last checkpoint {checkpoint}")
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # not end_training(): it also destroys the process group,
+            tracker.finish()                        # which later trainings in this process (pipelines) need
         return FitResult(reason, state.global_step, state.last_eval, checkpoint)
 
     # ------------------------------------------------------------------------------------------ pieces
