@@ -101,8 +101,11 @@ class Trainer:
 
     def _build_training_objects(self, optimizer) -> None:
         cfg, acc = self.config.train, self.accelerator
-        self.sampler = ResumableBatchSampler(len(self.task.train_data), cfg.batch_size, acc.process_index,
-                                             acc.num_processes, cfg.seed, cfg.grad_accum)
+        try:
+            self.sampler = ResumableBatchSampler(len(self.task.train_data), cfg.batch_size, acc.process_index,
+                                                 acc.num_processes, cfg.seed, cfg.grad_accum)
+        except ValueError as exc:
+            raise UsageError(f"invalid value for batch_size: {cfg.batch_size}; {exc}") from None
         self.train_loader = make_loader(self.task.train_data, self.sampler, self.task.collate_fn,
                                         cfg.num_workers, cfg.seed, pin_memory=acc.device.type == "cuda")
         self.eval_loader = None
@@ -135,7 +138,7 @@ class Trainer:
             progress = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not self.is_main,
                             desc=f"{self.task.name}", dynamic_ncols=True,
                             mininterval=0.5 if sys.stderr.isatty() else 30)
-            self._loss_sum, self._loss_count, self._timer = torch.zeros((), device=self.accelerator.device), 0, time.perf_counter()
+            self._reset_loss_window()
             state = self.state
             while not self._finished():
                 self.sampler.set_epoch(state.epoch, state.epoch_samples_seen)
@@ -234,7 +237,11 @@ class Trainer:
                   "samples_seen": self.state.samples_seen}
         self.metrics.log(record, "train")
         progress.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}")
-        self._loss_sum.zero_()
+        self._reset_loss_window()
+
+    def _reset_loss_window(self) -> None:
+        """Losses are summed on the device between log steps: no host sync on the steps in between."""
+        self._loss_sum = torch.zeros((), device=self.accelerator.device)
         self._loss_count, self._timer = 0, time.perf_counter()
 
     def _evaluate(self) -> dict[str, float]:

@@ -70,3 +70,19 @@ def test_resolved_config_is_written_and_accepted_back(tmp_path):
     import yaml
 
     assert yaml.safe_load((again / "config.yaml").read_text())["train"]["lr"] == 0.002
+
+
+def test_save_every_epochs_saves_at_each_epoch_end(tmp_path):
+    out = tmp_path / "run"
+    assert main([*FAST, "--epochs", "2", "--max-steps", "0", "--save-every-epochs", "1", "--keep-last", "0",
+                 "--output-dir", str(out)]) == 0
+    saved = [r["step"] for r in records(out) if r.get("event") == "checkpoint"]
+    assert saved == [128, 256]  # 2048 samples / batch 16; the final save is the second epoch's
+
+
+def test_save_every_seconds_saves_on_the_main_process_clock(tmp_path):
+    out = tmp_path / "run"
+    assert main([*FAST, "--epochs", "0", "--max-steps", "400", "--save-every-seconds", "0.05", "--keep-last", "0",
+                 "--output-dir", str(out)]) == 0
+    saved = [r["step"] for r in records(out) if r.get("event") == "checkpoint"]
+    assert len(saved) >= 2 and saved[-1] == 400 and saved == sorted(set(saved))
