@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# Tiny models on a 2-core machine: one thread per process avoids OpenMP spinning against the other processes
+# a test starts (set before anything imports torch).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import signal
 import subprocess
 import sys
