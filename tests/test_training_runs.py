@@ -95,3 +95,19 @@ def test_readme_python_examples_run(runner, tmp_path):
     assert kept == ["step_000000040", "step_000000060"]
     result = runner.run(train_cmd("--task", "mytask:build", "--max-steps", "5", "--output-dir", "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_second_run_in_a_live_output_dir_is_refused_and_touches_nothing(runner, tmp_path):
+    from conftest import wait_for
+
+    out = tmp_path / "run"
+    first = runner.start(train_cmd(*FAST, "--epochs", "0", "--max-steps", "1000000", "--save-every-steps", "20",
+                                   "--output-dir", str(out)),
+                         DTRAIN_FAULT_AT="state_written:sleep=60", DTRAIN_FAULT_AFTER_SAVES="1")
+    wait_for(lambda: any((p / "trainer_state.json").exists() for p in (out / "checkpoints").glob(".tmp-*")),
+             what="the first run to be half-way through a save")
+    second = runner.run(train_cmd(*FAST, "--output-dir", str(out), "--resume", "latest"), timeout=60)
+    assert second.returncode == 2, second.stdout[-2000:]
+    assert "another dtrain run" in second.stdout
+    assert list((out / "checkpoints").glob(".tmp-*")), "the live run's save in progress was left alone"
+    assert first.poll() is None

@@ -205,7 +205,7 @@ class CheckpointManager:
         fsync_path(self.dir)
         self._reached("renamed")
         write_pointer(self.dir, LATEST, final.name)
-        best = best_checkpoint(self.records(), self.policy.mode)
+        best = best_checkpoint(self.timeline(step), self.policy.mode)
         if best is not None:
             write_pointer(self.dir, BEST, step_dir_name(best.step))
         self._reached("pointers_written")
@@ -214,11 +214,12 @@ class CheckpointManager:
     def _apply_retention(self) -> list[str]:
         """Deletes what the policy does not keep. Runs after the commit, so a failure here loses nothing."""
         latest = self.dir / LATEST
-        protected = {parse_step(latest.read_text().strip())} if latest.exists() else set()
+        latest_step = parse_step(latest.read_text().strip()) if latest.exists() else None
+        protected = {latest_step} if latest_step is not None else set()
         if self.resumed_from is not None and (self.last_saved_step or -1) <= self.resumed_from:
             protected.add(self.resumed_from)  # until this run has committed a newer one
         deleted = []
-        for step in checkpoints_to_delete(self.records(), self.policy, protected):
+        for step in checkpoints_to_delete(self.timeline(latest_step), self.policy, protected):
             try:
                 _remove(self.dir / step_dir_name(step))
                 deleted.append(step_dir_name(step))
@@ -266,6 +267,11 @@ class CheckpointManager:
             os.kill(os.getpid(), 9)
 
     # ----------------------------------------------------------------------------------------- reading
+
+    def timeline(self, latest_step: int | None) -> list[CheckpointRecord]:
+        """Checkpoints up to the newest committed one. Newer ones come from an abandoned timeline (this run
+        resumed from an older checkpoint): retention and `best` leave them alone rather than count them."""
+        return [r for r in self.records() if latest_step is None or r.step <= latest_step]
 
     def records(self) -> list[CheckpointRecord]:
         out = []
