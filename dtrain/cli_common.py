@@ -41,6 +41,8 @@ def run_main(action: Callable[[], Any]) -> int:
 
 
 def _close_process_group() -> None:
+    if "torch.distributed" not in sys.modules:  # never imported: nothing to close, and no import cost
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

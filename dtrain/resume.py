@@ -94,7 +94,7 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def resume_command(output_dir: str) -> str:
     """The command that started this run, with `--resume latest` (and the output dir made explicit)."""
-    argv = _launch_argv()
+    argv = launch_argv()
     args, skip = [], False
     for arg in argv[1:]:
         if skip:
@@ -109,7 +109,7 @@ def resume_command(output_dir: str) -> str:
     return shlex.join([argv[0], *args, "--output-dir", output_dir, "--resume", "latest"])
 
 
-def _launch_argv() -> list[str]:
+def launch_argv() -> list[str]:
     """argv of the launcher (accelerate launch / torchrun) when there is one, else of this process."""
     if "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_USE_CPU" in os.environ:
         try:

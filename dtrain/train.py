@@ -25,8 +25,9 @@ def build_parser(prog: str = "dtrain train") -> DtrainArgumentParser:
     return parser
 
 
-def train(config: Config, stop_at_step: int | None = None):
-    """Trains the task a Config names; returns the FitResult (raises Interrupted on a signal)."""
+def train(config: Config, stop_at_step: int | None = None, resume_command: str | None = None):
+    """Trains the task a Config names; returns the FitResult (raises Interrupted on a signal).
+    `resume_command` replaces the printed `Resume with:` command (e.g. a pipeline's own)."""
     from accelerate.utils import set_seed
 
     from dtrain.runtime import make_accelerator
@@ -36,7 +37,7 @@ def train(config: Config, stop_at_step: int | None = None):
     accelerator = make_accelerator(config)
     set_seed(config.train.seed)
     task = build_task(config.task, config.train.seed)
-    return Trainer(config, task, accelerator=accelerator).fit(stop_at_step=stop_at_step)
+    return Trainer(config, task, accelerator=accelerator, resume_command=resume_command).fit(stop_at_step=stop_at_step)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,7 @@ class FitResult:
     global_step: int
     last_eval: dict[str, float]
     checkpoint: str | None
+    pending_signal: int = 0  # a signal that arrived during the final eval/save (the run still finished)
 
 
 class Trainer:
@@ -76,7 +77,8 @@ class Trainer:
 
     def __init__(self, config: Config | None = None, task: Task | None = None, *, model=None, loss_fn=None,
                  train_dataloader: DataLoader | None = None, eval_dataloader: DataLoader | None = None,
-                 optimizer: torch.optim.Optimizer | None = None, accelerator=None):
+                 optimizer: torch.optim.Optimizer | None = None, accelerator=None,
+                 resume_command: str | None = None):
         self.config = (config or Config()).validate()
         if task is None:
             if model is None or loss_fn is None or train_dataloader is None:
@@ -96,6 +98,7 @@ class Trainer:
             RetentionPolicy(ckpt.keep_last, ckpt.keep_best, ckpt.keep_every_steps, self.config.eval.mode),
             monitor=self.config.eval.monitor, verify_checksums=ckpt.verify_checksums, async_save=ckpt.async_save)
         self.interrupts = InterruptHandler()
+        self._resume_command = resume_command  # printed after an interrupt; default: this run's own command
         self._lock = RunLock(self.output_dir, self.accelerator)
         self._build_training_objects(optimizer)
 
@@ -226,12 +229,13 @@ class Trainer:
         if self.eval_loader is not None and state.last_eval_step != state.global_step:
             self._evaluate()
         checkpoint = self._save(wait=True)
+        pending_signal, _ = self.interrupts.agree(self.accelerator.device)
         reason = "early_stop" if state.stopped_early else "finished"
         self.metrics.event("end", state.global_step, reason=reason, epoch=state.epoch)
         logger.info(f"training {reason} at step {state.global_step}; last checkpoint {checkpoint}")
         for tracker in self.accelerator.trackers:  # not end_training(): it also destroys the process group,
             tracker.finish()                        # which later trainings in this process (pipelines) need
-        return FitResult(reason, state.global_step, state.last_eval, checkpoint)
+        return FitResult(reason, state.global_step, state.last_eval, checkpoint, pending_signal)
 
     # ------------------------------------------------------------------------------------------ pieces
 
@@ -366,7 +370,7 @@ class Trainer:
         cfg, ckpt_dir = self.config.checkpoint, self.checkpoints.dir
         self._last_save_time = time.monotonic()
         # Taken now: by the time a signal arrives, the launcher whose command line we read may be gone.
-        self._resume_command = resume_checks.resume_command(self.config.output_dir)
+        self._resume_command = self._resume_command or resume_checks.resume_command(self.config.output_dir)
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         barrier()

@@ -1,0 +1,80 @@
+"""`dtrain eval`: evaluates a checkpoint on its task's eval split, on the CPU in one process.
+
+The task is rebuilt from the config saved in the checkpoint, so the evaluation sees the same model shape and
+data as training. Metrics are the task's `evaluate` sums divided by the sample count, as in training (but over
+the whole eval split unless `--max-batches` says otherwise). A task with a sampler (charlm) also generates a
+sample, seeded as the trainer seeds it at that step.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dtrain.checkpoint.layout import read_trainer_state
+from dtrain.ckpt_tools import select_checkpoint
+from dtrain.errors import UsageError
+
+
+def evaluate_checkpoint(checkpoint: Path, max_batches: int = 0, batch_size: int | None = None,
+                        data: str | None = None) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader
+
+    from dtrain.config import config_from_dict
+    from dtrain.resume import check_tensors_fit
+    from dtrain.tasks import build_task
+
+    state = read_trainer_state(checkpoint)
+    if not isinstance(state.get("config"), dict):
+        raise UsageError(f"{checkpoint} does not record the config it was trained with; cannot rebuild its task")
+    config = config_from_dict(state["config"])
+    if data is not None:
+        config.task.data = data
+    task = build_task(config.task, config.train.seed)
+    if task.eval_data is None:
+        raise UsageError(f"task {task.name!r} has no eval split")
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"{checkpoint} has no model.safetensors (sharded checkpoints are not supported by eval)")
+    model = task.model
+    check_tensors_fit(checkpoint, model)
+    model.load_state_dict(load_file(str(weights)))
+    model.eval()
+    loader = DataLoader(task.eval_data, batch_size=batch_size or config.train.batch_size, shuffle=False,
+                        collate_fn=task.collate_fn)
+    sums: dict[str, float] = {}
+    batches = 0
+    with torch.no_grad():
+        for batch in loader:
+            if max_batches and batches >= max_batches:
+                break
+            for key, value in task.evaluate(model, batch).items():
+                sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value, dtype=torch.float64))
+            batches += 1
+        count = sums.pop("count", 1.0) or 1.0
+        step = int(state.get("global_step", 0))
+        sample = None
+        if task.sample is not None:
+            # The trainer's seed for the sample at this step, so the text matches samples/step_N.txt.
+            sample = task.sample(model, torch.Generator().manual_seed(config.train.seed + step))
+    return {"checkpoint": str(checkpoint), "task": task.name, "step": step, "epoch": state.get("epoch"),
+            "batches": batches, "samples": int(count), "metrics": {k: v / count for k, v in sums.items()},
+            "sample": sample}
+
+
+def eval_command(args) -> None:
+    checkpoint = select_checkpoint(args.path, args.which)
+    result = evaluate_checkpoint(checkpoint, args.max_batches, args.batch_size, args.data)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return
+    print(f"{result['checkpoint']}: {result['task']} at step {result['step']}, "
+          f"{result['samples']} eval samples in {result['batches']} batches")
+    for name, value in sorted(result["metrics"].items()):
+        print(f"  {name:<16} {value:.6g}")
+    if result["sample"] is not None:
+        print("sample:")
+        print(result["sample"])
