@@ -8,6 +8,7 @@ sample, seeded as the trainer seeds it at that step.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ def evaluate_checkpoint(checkpoint: Path, max_batches: int = 0, batch_size: int 
     from dtrain.config import config_from_dict
     from dtrain.resume import check_tensors_fit
     from dtrain.tasks import build_task
+    from dtrain.tasks.base import evaluation_sums, metrics_from_sums
 
     state = read_trainer_state(checkpoint)
     if not isinstance(state.get("config"), dict):
@@ -45,23 +47,18 @@ def evaluate_checkpoint(checkpoint: Path, max_batches: int = 0, batch_size: int 
     model.eval()
     loader = DataLoader(task.eval_data, batch_size=batch_size or config.train.batch_size, shuffle=False,
                         collate_fn=task.collate_fn)
-    sums: dict[str, float] = {}
-    batches = 0
+    batches = list(itertools.islice(loader, max_batches or None))
     with torch.no_grad():
-        for batch in loader:
-            if max_batches and batches >= max_batches:
-                break
-            for key, value in task.evaluate(model, batch).items():
-                sums[key] = sums.get(key, 0.0) + float(torch.as_tensor(value, dtype=torch.float64))
-            batches += 1
-        count = sums.pop("count", 1.0) or 1.0
+        sums = evaluation_sums(task, model, batches, "cpu")
+        count = float(sums.get("count", 0))
+        metrics = metrics_from_sums(sums)
         step = int(state.get("global_step", 0))
         sample = None
         if task.sample is not None:
             # The trainer's seed for the sample at this step, so the text matches samples/step_N.txt.
             sample = task.sample(model, torch.Generator().manual_seed(config.train.seed + step))
     return {"checkpoint": str(checkpoint), "task": task.name, "step": step, "epoch": state.get("epoch"),
-            "batches": batches, "samples": int(count), "metrics": {k: v / count for k, v in sums.items()},
+            "batches": len(batches), "samples": int(count), "metrics": metrics,
             "sample": sample}
 
 

@@ -36,6 +36,7 @@ from dtrain.metrics import MetricsLog
 from dtrain.rng import preserved_rng
 from dtrain.runtime import make_accelerator
 from dtrain.tasks import Task
+from dtrain.tasks.base import evaluation_sums, metrics_from_sums
 
 logger = get_logger(__name__)
 
@@ -261,21 +262,16 @@ class Trainer:
         if self.eval_loader is None:
             return {}
         model = self.accelerator.unwrap_model(self.model)  # no DDP collectives: ranks may have unequal batches
-        sums: dict[str, torch.Tensor] = {}
         with preserved_rng():
             model.eval()
             with torch.no_grad(), self.accelerator.autocast():
-                for batch in self.eval_loader:
-                    for key, value in self.task.evaluate(model, send_to_device(batch, self.accelerator.device)).items():
-                        sums[key] = sums.get(key, 0) + torch.as_tensor(value, dtype=torch.float64).cpu()
-                keys = sorted(sums)
-                totals = self.accelerator.reduce(torch.stack([sums[k] for k in keys]).to(self.accelerator.device),
-                                                 reduction="sum").cpu().tolist() if keys else []
+                sums = evaluation_sums(self.task, model, self.eval_loader, self.accelerator.device)
                 sample = self._write_sample(model)
             model.train()
-        values = dict(zip(keys, totals))
-        count = values.pop("count", 1.0) or 1.0
-        metrics = {k: v / count for k, v in values.items()}
+        keys = sorted(sums)
+        totals = self.accelerator.reduce(torch.stack([sums[k] for k in keys]).to(self.accelerator.device),
+                                         reduction="sum").cpu().tolist()
+        metrics = metrics_from_sums(dict(zip(keys, totals)))
         self._update_early_stopping(metrics)
         self.metrics.log({"step": self.state.global_step, "epoch": self.state.epoch, **metrics}, "eval")
         if sample is not None:

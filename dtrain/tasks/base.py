@@ -27,6 +27,24 @@ def default_evaluate(loss: Callable[[nn.Module, Batch], torch.Tensor]) -> Callab
     return evaluate
 
 
+def evaluation_sums(task: "Task", model: nn.Module, batches, device) -> dict[str, torch.Tensor]:
+    """Adds up `task.evaluate` over batches: float64 sums on the CPU, including `count`."""
+    from accelerate.utils import send_to_device
+
+    sums: dict[str, torch.Tensor] = {}
+    for batch in batches:
+        for key, value in task.evaluate(model, send_to_device(batch, device)).items():
+            sums[key] = sums.get(key, 0) + torch.as_tensor(value, dtype=torch.float64).cpu()
+    return sums
+
+
+def metrics_from_sums(totals: dict[str, float]) -> dict[str, float]:
+    """Per-sample metrics from summed ones: every sum divided by `count`."""
+    totals = dict(totals)
+    count = float(totals.pop("count", 1.0)) or 1.0
+    return {key: float(value) / count for key, value in totals.items()}
+
+
 @dataclass
 class Task:
     """What to train.
