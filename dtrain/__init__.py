@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 # Read before anything heavy is imported: a launcher that dies while torch is still loading must be noticed too.
 PARENT_PID_AT_START = os.getppid()
 
+from dtrain.utils import lazy_exports  # noqa: E402
+
 _EXPORTS = {
     "Config": "dtrain.config",
     "Trainer": "dtrain.trainer",
@@ -23,10 +25,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'dtrain' has no attribute {name!r}")
+__getattr__ = lazy_exports("dtrain", _EXPORTS)

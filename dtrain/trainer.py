@@ -9,13 +9,12 @@ consumes is put back, so a resumed run draws exactly the numbers an uninterrupte
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate.logging import get_logger
@@ -35,6 +34,7 @@ from dtrain.interrupt import InterruptHandler
 from dtrain.metrics import MetricsLog
 from dtrain.rng import preserved_rng
 from dtrain.runtime import make_accelerator
+from dtrain.schedule import warmup_cosine
 from dtrain.tasks import Task
 from dtrain.tasks.base import evaluation_sums, metrics_from_sums
 
@@ -84,7 +84,7 @@ class Trainer:
         if task is None:
             if model is None or loss_fn is None or train_dataloader is None:
                 raise UsageError("Trainer needs task=, or model=, loss_fn= and train_dataloader=")
-            task = task_from_pieces(model, loss_fn, train_dataloader, eval_dataloader)
+            task = Task.from_pieces(model, loss_fn, train_dataloader, eval_dataloader)
             if train_dataloader.batch_size:
                 self.config.train.batch_size = train_dataloader.batch_size
         self.task = task
@@ -115,7 +115,10 @@ class Trainer:
         self.train_loader = make_loader(self.task.train_data, self.sampler, self.task.collate_fn,
                                         cfg.num_workers, cfg.seed, pin_memory=acc.device.type == "cuda")
         self.eval_loader = None
-        if self.task.eval_data is not None:
+        if self.task.eval_data is not None and len(self.task.eval_data) < acc.num_processes:
+            logger.warning(f"evaluation is off: {len(self.task.eval_data)} eval samples cannot give each of "
+                           f"{acc.num_processes} ranks one")  # a rank without batches would miss the reduce
+        elif self.task.eval_data is not None:
             eval_sampler = ShardedEvalSampler(len(self.task.eval_data), cfg.batch_size, acc.process_index,
                                               acc.num_processes, self.config.eval.eval_max_batches)
             self.eval_loader = make_loader(self.task.eval_data, eval_sampler, self.task.collate_fn, 0, cfg.seed)
@@ -416,24 +419,3 @@ class Trainer:
             self.accelerator.init_trackers(self.task.name.replace(":", "_"),
                                            config={k: v for k, v in self.config.flat().items()
                                                    if isinstance(v, (int, float, str, bool))})
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up, then cosine decay to `min_ratio` at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def task_from_pieces(model, loss_fn, train_dataloader: DataLoader, eval_dataloader: DataLoader | None) -> Task:
-    """Wraps a user's model, loss and DataLoaders as a Task (dtrain re-batches the datasets itself)."""
-    return Task(name=type(model).__name__, model=model, train_data=train_dataloader.dataset, loss=loss_fn,
-                eval_data=eval_dataloader.dataset if eval_dataloader is not None else None,
-                collate_fn=train_dataloader.collate_fn,
-                shape={"model": type(model).__name__,
-                       "parameters": {k: list(v.shape) for k, v in model.state_dict().items()}})

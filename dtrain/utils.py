@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 
 def fsync_path(path: Path) -> None:
@@ -27,3 +29,14 @@ def atomic_write_text(path: Path, text: str, durable: bool = True) -> None:
     os.replace(tmp, path)
     if durable:
         fsync_path(path.parent)
+
+
+def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A module `__getattr__` importing each exported name from its module on first use (keeps imports light)."""
+
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            return getattr(importlib.import_module(exports[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__

@@ -3,6 +3,8 @@
 Names are imported lazily so that the pure retention policy can be used without torch.
 """
 
+from dtrain.utils import lazy_exports
+
 _EXPORTS = {
     "CheckpointManager": "dtrain.checkpoint.manager",
     "SaveReport": "dtrain.checkpoint.manager",
@@ -14,10 +16,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'dtrain.checkpoint' has no attribute {name!r}")
+__getattr__ = lazy_exports("dtrain.checkpoint", _EXPORTS)

@@ -72,3 +72,12 @@ class Task:
     def __post_init__(self) -> None:
         if self.evaluate is None:
             self.evaluate = default_evaluate(self.loss)
+
+    @classmethod
+    def from_pieces(cls, model: nn.Module, loss_fn, train_dataloader, eval_dataloader=None) -> "Task":
+        """Wraps a user's model, loss and DataLoaders (dtrain re-batches their datasets itself)."""
+        return cls(name=type(model).__name__, model=model, train_data=train_dataloader.dataset, loss=loss_fn,
+                   eval_data=eval_dataloader.dataset if eval_dataloader is not None else None,
+                   collate_fn=train_dataloader.collate_fn,
+                   shape={"model": type(model).__name__,
+                          "parameters": {k: list(v.shape) for k, v in model.state_dict().items()}})
