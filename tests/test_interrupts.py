@@ -199,8 +199,8 @@ def test_second_ctrl_c_during_a_save_aborts_at_once_and_loses_nothing_committed(
     proc = runner.start([sys.executable, TRAIN, *LONG, "--output-dir", str(out)], cwd=REPO,
                         DTRAIN_FAULT_AT="state_written:sleep=60", DTRAIN_FAULT_AFTER_SAVES="1")
     checkpoints = out / "checkpoints"
-    wait_for(lambda: any((p / "trainer_state.json").exists() for p in checkpoints.glob(".tmp-*")),
-             what="the second save to be half-way")
+    wait_for(lambda: (checkpoints / ".tmp-step_000000040" / "trainer_state.json").exists(),
+             what="the second save (step 40) to be half-way")
     proc.send_signal(signal.SIGINT)
     import time
 
@@ -219,8 +219,8 @@ def test_signal_during_a_periodic_save_stops_right_after_it_without_a_second_sav
     out = tmp_path / "run"
     proc = runner.start([sys.executable, TRAIN, *LONG, "--output-dir", str(out)], cwd=REPO,
                         DTRAIN_FAULT_AT="state_written:sleep=3", DTRAIN_FAULT_AFTER_SAVES="1")
-    wait_for(lambda: any((p / "trainer_state.json").exists() for p in (out / "checkpoints").glob(".tmp-*")),
-             what="the second save to be half-way")
+    wait_for(lambda: (out / "checkpoints" / ".tmp-step_000000040" / "trainer_state.json").exists(),
+             what="the second save (step 40) to be half-way")
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output[-2000:]

@@ -104,8 +104,8 @@ def test_second_run_in_a_live_output_dir_is_refused_and_touches_nothing(runner, 
     first = runner.start(train_cmd(*FAST, "--epochs", "0", "--max-steps", "1000000", "--save-every-steps", "20",
                                    "--output-dir", str(out)),
                          DTRAIN_FAULT_AT="state_written:sleep=60", DTRAIN_FAULT_AFTER_SAVES="1")
-    wait_for(lambda: any((p / "trainer_state.json").exists() for p in (out / "checkpoints").glob(".tmp-*")),
-             what="the first run to be half-way through a save")
+    wait_for(lambda: (out / "checkpoints" / ".tmp-step_000000040" / "trainer_state.json").exists(),
+             what="the first run to be half-way through its second save")
     second = runner.run(train_cmd(*FAST, "--output-dir", str(out), "--resume", "latest"), timeout=60)
     assert second.returncode == 2, second.stdout[-2000:]
     assert "another dtrain run" in second.stdout

@@ -125,12 +125,13 @@ class CheckpointManager:
             self._on_all_ranks(step, temp, lambda: self._write_files(temp, state, None))
             return self._commit_and_prune(step, temp, started, blocking=None)
         snapshot = take_snapshot(self.accelerator, self._copier)
-        blocking = time.perf_counter() - started
         self.last_saved_step = step
+        timing = self._timing = {"started": started}
         self._in_flight = threading.Thread(target=self._commit_in_background, name="dtrain-async-save",
-                                           args=(step, temp, state, snapshot, started, blocking), daemon=True)
+                                           args=(step, temp, state, snapshot, timing), daemon=True)
         self._in_flight.start()
-        return SaveReport(step, self.dir / step_dir_name(step), 0, blocking, float("nan"))
+        timing["blocking"] = time.perf_counter() - started  # after start(): the thread's launch holds us too
+        return SaveReport(step, self.dir / step_dir_name(step), 0, timing["blocking"], float("nan"))
 
     def poll(self) -> SaveReport | None:
         """The report of a background save that has finished since the last call (non-blocking), else None.
@@ -149,6 +150,8 @@ class CheckpointManager:
 
     def _collect(self, raise_error: bool) -> SaveReport | None:
         self._in_flight, result, self._result = None, self._result, None
+        if isinstance(result, SaveReport):
+            result.blocking_seconds = self._timing["blocking"]  # measured by save() on this thread
         if isinstance(result, BaseException):
             self.background_error = result
             if raise_error:
@@ -157,10 +160,10 @@ class CheckpointManager:
         return result
 
     def _commit_in_background(self, step: int, temp: Path, state: dict[str, Any], snapshot: Snapshot,
-                              started: float, blocking: float) -> None:
+                              timing: dict[str, float]) -> None:
         try:
             self._on_all_ranks(step, temp, lambda: self._write_files(temp, state, snapshot), self._side_group)
-            self._result = self._commit_and_prune(step, temp, started, blocking, self._side_group)
+            self._result = self._commit_and_prune(step, temp, timing["started"], 0.0, self._side_group)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self._result = exc
 

@@ -23,7 +23,7 @@ def _numbered(name: str, ext: str, index: int) -> str:
 
 
 class HostCopier:
-    """Copies tensors to host memory; on a GPU into reused pinned buffers, so snapshots stay cheap."""
+    """Copies tensors to host memory, into buffers reused between snapshots (pinned ones for GPU tensors)."""
 
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -31,14 +31,15 @@ class HostCopier:
 
     def copy(self, value: Any, key: tuple = ()) -> Any:
         if isinstance(value, torch.Tensor):
-            if value.device.type == "cpu":
-                return value.detach().clone()
+            # Buffers are reused from one snapshot to the next (allocation is much of a copy's cost); safe
+            # because a new save first waits until the previous one is written.
+            on_gpu = value.device.type != "cpu"
             buffer = self._buffers.get(key)
             if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-                buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=True)
+                buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=on_gpu)
                 self._buffers[key] = buffer
-            buffer.copy_(value.detach(), non_blocking=True)
-            self._pending_cuda = True
+            buffer.copy_(value.detach(), non_blocking=on_gpu)
+            self._pending_cuda |= on_gpu
             return buffer
         if isinstance(value, dict):
             return {k: self.copy(v, (*key, k)) for k, v in value.items()}

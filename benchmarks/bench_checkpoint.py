@@ -1,0 +1,309 @@
+"""Checkpoint cost: a dtrain checkpoint commit vs plain safetensors + torch.save of the same state, and the disk.
+
+One model (a stack of Linear layers) with an initialised AdamW state, prepared by one Accelerator. Per round,
+in a rotating order, each side writes the full state once into a fresh directory:
+
+  dtrain sync commit     CheckpointManager.save(): Accelerate save_state into .tmp-step_N, trainer_state.json,
+                         sha256 + fsync of every file, manifest.json, rename, pointer files (retention off)
+  save_state alone       accelerator.save_state(dir): what dtrain's commit builds on, without the commit
+  plain save             safetensors.torch.save_file(weights) + torch.save(optimizer.state_dict()), no fsync:
+                         what a plain script does (the reference of sync_save_vs_raw_ratio)
+  plain save + fsync     the same, then fsync of the files and the directory (the same durability as dtrain)
+  disk write + fsync     one file of the same size from a bytes buffer, write + fsync: the disk's bandwidth
+  dtrain async commit    only when CheckpointManager takes `async_save`: the seconds the caller is held by
+                         save() (timed around the call), then training steps until the background save is
+                         committed, then as many steps with nothing in flight: their difference is how much
+                         the background writer slowed the loop down
+
+Before every measurement the previous side's files are deleted and `os.sync()` flushes dirty pages, outside
+the timed region, so no side pays for another side's write-back. Figures are medians over the rounds.
+
+    sync_save_vs_raw_ratio = median bytes/s of the dtrain sync commit / median bytes/s of the plain save
+    async_blocking_ratio   = median seconds save() holds the caller with async_save=True
+                             / median seconds of a synchronous save()          (null while async is missing)
+
+Also printed: the ratio against the plain save + fsync, and a ceiling: if the disk's write-back overlapped the
+serialisation perfectly, a save that is on disk when it returns would still take the disk's time, so no durable
+save can beat min(1, disk MB/s / plain save MB/s) here.
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _util  # noqa: E402  (puts the repository on sys.path)
+
+FULL = dict(width=2048, layers=3, repeats=9)  # 12.6M parameters: 50 MB of weights + 100 MB of AdamW moments
+QUICK = dict(width=256, layers=2, repeats=2)
+MB = 1e6
+
+
+def async_supported() -> bool:
+    from dtrain.checkpoint import CheckpointManager
+
+    return "async_save" in inspect.signature(CheckpointManager).parameters
+
+
+def build_state(spec: dict, device: str):
+    """A prepared model + AdamW with its moments filled (one real optimizer step)."""
+    import torch
+    from accelerate import Accelerator
+    from torch import nn
+
+    torch.manual_seed(0)
+    accelerator = Accelerator(cpu=device == "cpu")
+    model = nn.Sequential(*[nn.Linear(spec["width"], spec["width"]) for _ in range(spec["layers"])])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    loss = model(torch.randn(4, spec["width"], device=accelerator.device)).square().mean()
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return accelerator, model, optimizer
+
+
+def torch_randn(*shape_and_device):
+    import torch
+
+    *shape, device = shape_and_device
+    return torch.randn(*shape, device=device)
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def fsync_file(path: Path) -> None:
+    from dtrain.utils import fsync_path
+
+    fsync_path(path)
+
+
+class Sides:
+    """Each method writes the state once and returns {"seconds", "bytes", ...}; files go under `root`."""
+
+    def __init__(self, root: Path, spec: dict, device: str):
+        from dtrain.checkpoint import CheckpointManager
+
+        self.root, self.device, self.width = root, device, spec["width"]
+        self.accelerator, self.model, self.optimizer = build_state(spec, device)
+        self.step = 0
+        self.sync_manager = CheckpointManager(self.accelerator, root / "sync" / "checkpoints")
+        self.async_manager = (CheckpointManager(self.accelerator, root / "async" / "checkpoints", async_save=True)
+                              if async_supported() else None)
+        self.disk_buffer = os.urandom(self.state_bytes())
+
+    def state_bytes(self) -> int:
+        out = self.root / "probe"
+        self.plain(out)
+        size = dir_bytes(out)
+        shutil.rmtree(out)
+        return size
+
+    def trainer_state(self) -> dict:
+        return {"global_step": self.step, "epoch": 0, "step_in_epoch": self.step, "epoch_samples_seen": 0,
+                "samples_seen": 0, "world_size": 1, "task": "bench", "created": time.time()}
+
+    # -------------------------------------------------------------------------------------- the sides
+
+    def dtrain_sync(self) -> dict:
+        self.step += 1
+        _util.synchronize(self.device)
+        started = time.perf_counter()
+        report = self.sync_manager.save(self.step, self.trainer_state(), None)
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "bytes": report.bytes, "reported_blocking": report.blocking_seconds}
+
+    def dtrain_async(self) -> dict:
+        self.step += 1
+        _util.synchronize(self.device)
+        started = time.perf_counter()
+        report = self.async_manager.save(self.step, self.trainer_state(), None)
+        held = time.perf_counter() - started
+        # The loop goes on training while the save is written in the background; on a small machine the
+        # writer competes with it for cores and memory bandwidth. Train until the save is committed, then the
+        # same number of steps with nothing in flight: the difference is the loop time the save still cost.
+        manager, final, steps, train_started = self.async_manager, None, 0, time.perf_counter()
+        while hasattr(manager, "poll") and steps < 200:
+            final = manager.poll()
+            if final is not None or manager.background_error is not None or getattr(manager, "_in_flight", 1) is None:
+                break
+            self.train_step()
+            steps += 1
+        _util.synchronize(self.device)
+        with_save = time.perf_counter() - train_started
+        final = final or manager.wait() or report
+        until_committed = time.perf_counter() - started
+        alone_started = time.perf_counter()
+        for _ in range(steps):
+            self.train_step()
+        _util.synchronize(self.device)
+        alone = time.perf_counter() - alone_started
+        return {"seconds": held, "bytes": final.bytes, "reported_blocking": report.blocking_seconds,
+                "total_seconds": final.total_seconds, "until_committed": until_committed, "steps_during_save": steps,
+                "slowdown": with_save - alone if steps else None}
+
+    def train_step(self) -> None:
+        x = torch_randn(16, self.width, self.accelerator.device)
+        loss = self.model(x).square().mean()
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save_state(self) -> dict:
+        out = self.root / "save_state" / f"step_{self.step}"
+        _util.synchronize(self.device)
+        started = time.perf_counter()
+        self.accelerator.save_state(str(out))
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "bytes": dir_bytes(out)}
+
+    def plain(self, out: Path, fsync: bool = False) -> dict:
+        import torch
+        from safetensors.torch import save_file
+
+        _util.synchronize(self.device)
+        started = time.perf_counter()
+        out.mkdir(parents=True)
+        save_file(self.accelerator.unwrap_model(self.model).state_dict(), str(out / "model.safetensors"))
+        torch.save(self.optimizer.state_dict(), out / "optimizer.bin")
+        if fsync:
+            for name in ("model.safetensors", "optimizer.bin"):
+                fsync_file(out / name)
+            fsync_file(out)
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "bytes": dir_bytes(out)}
+
+    def plain_nosync(self) -> dict:
+        return self.plain(self.root / "plain" / "out")
+
+    def plain_fsync(self) -> dict:
+        return self.plain(self.root / "plain_fsync" / "out", fsync=True)
+
+    def disk(self) -> dict:
+        out = self.root / "disk"
+        out.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        with open(out / "blob", "wb") as f:
+            f.write(self.disk_buffer)
+            f.flush()
+            os.fsync(f.fileno())
+        seconds = time.perf_counter() - started
+        return {"seconds": seconds, "bytes": len(self.disk_buffer)}
+
+    def clean(self) -> None:
+        """Between measurements: wait for anything in flight, delete every side's output, flush dirty pages."""
+        if self.async_manager is not None:
+            self.async_manager.wait()
+        for name in ("save_state", "plain", "plain_fsync", "disk"):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        for manager in (self.sync_manager, self.async_manager):
+            if manager is not None and manager.dir.is_dir():
+                for path in manager.dir.iterdir():
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        gc.collect()
+        os.sync()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = _util.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=None,
+                        help="where to write (default: a temporary directory; it should be on the disk to measure)")
+    args = parser.parse_args(argv)
+    _util.check_device(args.device)
+    spec = dict(QUICK if args.quick else FULL)
+    if args.repeats:
+        spec["repeats"] = args.repeats
+    root = Path(tempfile.mkdtemp(prefix="dtrain-bench-ckpt-", dir=args.workdir))
+    started = time.perf_counter()
+    try:
+        sides = Sides(root, spec, args.device)
+        named = [("dtrain sync commit", sides.dtrain_sync), ("save_state alone", sides.save_state),
+                 ("plain save", sides.plain_nosync), ("plain save + fsync", sides.plain_fsync),
+                 ("disk write + fsync", sides.disk)]
+        if sides.async_manager is not None:
+            named.append(("dtrain async commit", sides.dtrain_async))
+        for _, run in named:  # one untimed round: first-call costs (imports, allocator) hit no side
+            sides.clean()
+            run()
+        runs = _util.alternate(named, spec["repeats"], between=sides.clean)
+        sides.clean()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    def med(name: str, key: str = "seconds"):
+        return _util.median(r.get(key) for r in runs.get(name, []))
+
+    def rate(name: str):
+        return _util.median(r["bytes"] / r["seconds"] for r in runs.get(name, []))
+
+    state_mb = runs["plain save"][0]["bytes"] / MB
+    writers = [name for name, _ in named if name != "dtrain async commit"]
+    rows = []
+    for name in writers:
+        rates = [r["bytes"] / r["seconds"] / MB for r in runs[name]]
+        rows.append([name, med(name), rate(name) / MB, _util.spread(rates), runs[name][0]["bytes"] / MB])
+    sync_ratio = _util.ratio(rate("dtrain sync commit"), rate("plain save"))
+    fsync_ratio = _util.ratio(rate("dtrain sync commit"), rate("plain save + fsync"))
+    # If write-back overlapped serialisation perfectly, a durable save would take max(plain write, disk) seconds.
+    ceiling = min(1.0, _util.ratio(rate("disk write + fsync"), rate("plain save")) or 0.0)
+    notes = [f"state: {spec['layers']} x Linear({spec['width']}, {spec['width']}) + AdamW moments = "
+             f"{state_mb:.1f} MB; device {args.device}; {spec['repeats']} rounds, sides in rotating order; "
+             f"os.sync() between sides (untimed)",
+             f"sync_save_vs_raw_ratio (goal >= 0.90) = dtrain sync / plain save = {_util.fmt(sync_ratio)}",
+             f"  for reference: dtrain sync / plain save + fsync (the same durability) = {_util.fmt(fsync_ratio)};",
+             f"  ceiling for any save that is on disk when it returns, here: disk / plain save = {_util.fmt(ceiling)}"]
+    print(_util.table("checkpoint save: dtrain vs plain writes vs the disk",
+                      ["side", "median s", "median MB/s", "MB/s min..max", "MB"], rows, notes))
+
+    async_ratio = effective_ratio = None
+    if "dtrain async commit" in runs:
+        sync_held = med("dtrain sync commit")
+        held = med("dtrain async commit")
+        slowdown = med("dtrain async commit", "slowdown")
+        async_ratio = _util.ratio(held, sync_held)
+        effective_ratio = _util.ratio(held + max(slowdown or 0.0, 0.0), sync_held)
+        async_rows = [
+            ["sync save(): loop held", sync_held, "", ""],
+            ["async save(): loop held (measured around the call)", held,
+             _util.spread([r["seconds"] for r in runs["dtrain async commit"]]), async_ratio],
+            ["  its SaveReport.blocking_seconds", med("dtrain async commit", "reported_blocking"), "", ""],
+            ["  committed after (SaveReport.total_seconds)", med("dtrain async commit", "total_seconds"), "", ""],
+            [f"  training slowed down meanwhile ({_util.fmt(med('dtrain async commit', 'steps_during_save'))} steps)",
+             slowdown, _util.spread([r["slowdown"] for r in runs["dtrain async commit"]]), ""],
+            ["  held + slowdown", held + max(slowdown or 0.0, 0.0), "", effective_ratio]]
+        print(_util.table("async checkpoint: seconds the training loop is held",
+                          ["what", "median s", "min..max s", "/ sync held"], async_rows,
+                          ["async_blocking_ratio (goal <= 0.10) = async held / sync held = " + _util.fmt(async_ratio),
+                           "slowdown: the steps trained while the save was written in the background, minus the same "
+                           "number of steps with nothing in flight (median; the model above, batch 16)"]))
+    else:
+        print("async checkpoint: not measured: this dtrain's CheckpointManager has no async_save parameter; "
+              "async_blocking_ratio = null")
+    print(f"  wall time {time.perf_counter() - started:.0f}s")
+    return {"sync_save_vs_raw_ratio": sync_ratio, "async_blocking_ratio": async_ratio,
+            "async_supported": "dtrain async commit" in runs,
+            "async_blocking_with_slowdown_ratio": effective_ratio,
+            "sync_save_vs_raw_fsync_ratio": fsync_ratio, "sync_save_ceiling_ratio": ceiling,
+            "ckpt_state_mb": round(state_mb, 2),
+            "ckpt_dtrain_sync_mb_per_s": rate("dtrain sync commit") / MB,
+            "ckpt_save_state_mb_per_s": rate("save_state alone") / MB,
+            "ckpt_plain_mb_per_s": rate("plain save") / MB,
+            "ckpt_plain_fsync_mb_per_s": rate("plain save + fsync") / MB,
+            "ckpt_disk_fsync_mb_per_s": rate("disk write + fsync") / MB,
+            "ckpt_sync_blocking_s": med("dtrain sync commit"),
+            "ckpt_async_blocking_s": med("dtrain async commit") if async_ratio is not None else None,
+            "ckpt_async_total_s": med("dtrain async commit", "total_seconds") if async_ratio is not None else None,
+            "ckpt_repeats": spec["repeats"], "device": args.device}
+
+
+if __name__ == "__main__":
+    _util.emit(main())

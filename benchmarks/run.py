@@ -1,0 +1,111 @@
+"""Runs every dtrain benchmark and prints one JSON object with all ratios as the LAST line of stdout.
+
+    python benchmarks/run.py            # the full suite, sized for a 2-core CPU machine (a few minutes)
+    python benchmarks/run.py --quick    # a tiny run that only checks the suite works (well under a minute or two)
+    python benchmarks/run.py --gpu      # also repeats the loop and checkpoint benchmarks on the GPU, if any
+
+Each benchmark runs in its own Python process (bench_loop.py, bench_checkpoint.py, bench_resume.py; each also
+runs alone), so one cannot disturb another's state (Accelerate's singletons, allocator, page cache pressure).
+Every table compares both sides measured in the same process, alternating, as medians of several repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _util  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+GOALS = [("loop_overhead_ratio", ">=", 0.98, "dtrain loop steps/s / plain Accelerate loop steps/s"),
+         ("sync_save_vs_raw_ratio", ">=", 0.90, "dtrain sync commit MB/s / plain safetensors+torch.save MB/s"),
+         ("async_blocking_ratio", "<=", 0.10, "loop held by an async save / held by a sync save"),
+         ("resume_skip_ratio", "<=", 1.10, "time to first batch deep in an epoch / at its start")]
+
+
+def run_bench(script: str, extra: list[str]) -> dict:
+    """Runs one benchmark script, echoing its output, and returns the JSON object of its last line."""
+    cmd = [sys.executable, str(HERE / script), *extra]
+    print(f"\n$ python {' '.join([f'benchmarks/{script}', *extra])}", flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=str(_util.REPO))
+    last = ""
+    for line in proc.stdout:
+        if line.strip():
+            if last:
+                print(last, flush=True)
+            last = line.rstrip("\n")
+    if proc.wait() != 0:
+        if last:
+            print(last, flush=True)
+        raise SystemExit(f"benchmarks/run.py: {script} failed with exit code {proc.returncode}")
+    try:
+        result = json.loads(last)
+    except ValueError:
+        print(last, flush=True)
+        raise SystemExit(f"benchmarks/run.py: {script} did not end with a JSON line") from None
+    print(f"  -> {', '.join(f'{k}={_util.fmt(v)}' for k, v in result.items() if k.endswith('ratio'))}")
+    return result
+
+
+def verdict(value, op: str, goal: float) -> str:
+    if value is None:
+        return "n/a"
+    return "met" if (value >= goal if op == ">=" else value <= goal) else "NOT met"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
+    parser.add_argument("--gpu", action="store_true", help="also run on the GPU (where CUDA exists)")
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    common = ["--quick"] if args.quick else []
+    result: dict = {}
+    for script in ("bench_loop.py", "bench_checkpoint.py", "bench_resume.py"):
+        part = run_bench(script, common)
+        part.pop("device", None)
+        result.update(part)
+    result["device"] = "cpu"
+
+    gpu_note = None
+    if args.gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            for script in ("bench_loop.py", "bench_checkpoint.py"):  # resume is data-side only: no GPU part
+                part = run_bench(script, [*common, "--device", "cuda"])
+                part.pop("device", None)
+                result.update({f"gpu_{k}": v for k, v in part.items()})
+            result["gpu"] = torch.cuda.get_device_name(0)
+        else:
+            gpu_note = "--gpu: no CUDA GPU on this machine, GPU runs skipped"
+            result["gpu"] = None
+
+    rows = [[key, result.get(key), f"{op} {goal}", verdict(result.get(key), op, goal), what]
+            for key, op, goal, what in GOALS]
+    if "gpu_loop_overhead_ratio" in result:
+        rows += [[f"gpu_{key}", result.get(f"gpu_{key}"), f"{op} {goal}",
+                  verdict(result.get(f"gpu_{key}"), op, goal), what]
+                 for key, op, goal, what in GOALS[:3]]
+    notes = [f"{'quick (tiny sizes, the figures mean little)' if args.quick else 'full'} run, "
+             f"{time.perf_counter() - started:.0f}s; machine {_util.machine()}"]
+    if result.get("async_blocking_ratio") is None:
+        notes.append("async_blocking_ratio is null: this dtrain has no async_save in CheckpointManager")
+    if gpu_note:
+        notes.append(gpu_note)
+    print()
+    print(_util.table("summary", ["ratio", "value", "goal", "", "compares"], rows, notes))
+    result["quick"] = args.quick
+    result["machine"] = _util.machine()
+    _util.emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
