@@ -113,12 +113,15 @@ class CheckpointConfig:
     async_save: bool = field(default=False, **_opt("write checkpoints in the background"))
     verify_checksums: bool = field(default=False, **_opt("check sha256 of every file before resuming"))
     allow_config_change: bool = field(default=False, **_opt("resume even if model-shaping fields changed"))
+    agree_every_steps: int = field(default=1, **_opt("steps between the ranks' agreement on interrupts and "
+                                                     "timed saves (one small all-reduce); raise if it is costly"))
     signal_grace_seconds: float = field(default=30.0, **_opt("time launchers allow after a signal; warn when saves take longer"))
 
     def validate(self) -> None:
         for name in ("save_every_steps", "save_every_epochs", "keep_last", "keep_best", "keep_every_steps"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
         _check(self.save_every_seconds >= 0, "save_every_seconds", self.save_every_seconds, "a number >= 0")
+        _check(self.agree_every_steps >= 1, "agree_every_steps", self.agree_every_steps, "an integer >= 1")
         _check(self.signal_grace_seconds > 0, "signal_grace_seconds", self.signal_grace_seconds, "a number > 0")
         _check(bool(self.resume), "resume", self.resume, "none, latest, best, auto, or a checkpoint path")
 

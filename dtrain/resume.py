@@ -19,7 +19,7 @@ logger = get_logger(__name__)
 
 # Fields whose change only matters for what comes next, never for loading: no warning needed.
 IGNORED_FIELDS = {"resume", "overwrite", "output_dir", "verify_checksums", "allow_config_change", "quick",
-                  "async_save", "signal_grace_seconds", "log_with", "num_workers", "device"}
+                  "async_save", "signal_grace_seconds", "agree_every_steps", "log_with", "num_workers", "device"}
 
 
 def read_checkpoint_state(path: Path) -> dict[str, Any]:

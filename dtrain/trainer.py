@@ -211,8 +211,10 @@ class Trainer:
         self._log_checkpoint(self.checkpoints.poll())  # a background save that committed meanwhile
         # One all-reduce per step carries the interrupt flag, rank 0's wall-clock save decision and whether a
         # background save failed on any rank, so every rank acts on them at the same step.
-        signum, (time_due, save_failed) = self.interrupts.agree(
-            self.accelerator.device, self._save_time_due(), self.checkpoints.background_error is not None)
+        signum, time_due, save_failed = 0, False, False
+        if step % cfg.checkpoint.agree_every_steps == 0 or last_step:
+            signum, (time_due, save_failed) = self.interrupts.agree(
+                self.accelerator.device, self._save_time_due(), self.checkpoints.background_error is not None)
         if save_failed:
             raise self.checkpoints.background_error or CheckpointError(
                 "a background checkpoint save failed on another rank; earlier checkpoints are unchanged")

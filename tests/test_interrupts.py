@@ -226,3 +226,14 @@ def test_signal_during_a_periodic_save_stops_right_after_it_without_a_second_sav
     assert proc.returncode == 143, output[-2000:]
     step = assert_interrupt_checkpoint(out, "SIGTERM")
     assert step == 40, "stopped at the step of the save it interrupted, with no extra training step"
+
+
+def test_agreement_every_k_steps_stops_on_a_multiple_of_k(runner, tmp_path):
+    out = tmp_path / "run"
+    proc = runner.start([sys.executable, TRAIN, *LONG, "--agree-every-steps", "7", "--output-dir", str(out)],
+                        cwd=REPO)
+    wait_for(first_checkpoint_exists(out), what="first checkpoint")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
+    assert assert_interrupt_checkpoint(out, "SIGTERM") % 7 == 0
