@@ -86,3 +86,23 @@ def test_save_every_seconds_saves_on_the_main_process_clock(tmp_path):
                  "--output-dir", str(out)]) == 0
     saved = [r["step"] for r in records(out) if r.get("event") == "checkpoint"]
     assert len(saved) >= 2 and saved[-1] == 600 and saved == sorted(set(saved))
+
+
+def test_charlm_trains_on_a_user_folder_and_a_changed_corpus_is_reported_on_resume(tmp_path, caplog):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    (corpus / "b.md").write_text("pack my box with five dozen liquor jugs\n" * 200)
+    out = tmp_path / "run"
+    quick = ["--quick", "--data", str(corpus), "--max-steps", "6", "--eval-every-steps", "3"]
+    assert main([*quick, "--output-dir", str(out)]) == 0
+    assert (out / "samples" / "step_000000006.txt").read_text().startswith("def ")  # the sample prompt
+    (corpus / "b.md").write_text("sphinx of black quartz judge my vow\n" * 200)
+    caplog.set_level(logging.WARNING)
+    assert main([*quick, "--max-steps", "8", "--output-dir", str(out), "--resume", "latest"]) == 0
+    assert any("training data changed" in r.getMessage() for r in caplog.records)
+
+
+def test_missing_data_path_is_a_usage_error(tmp_path, capsys):
+    assert main(["--quick", "--data", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "r")]) == 2
+    assert "invalid value for data" in capsys.readouterr().err
