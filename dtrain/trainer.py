@@ -417,7 +417,10 @@ class Trainer:
                     f"sample {self.state.epoch_samples_seen} of the epoch)")
 
     def _init_trackers(self) -> None:
-        if self.config.eval.log_with != "none":
-            self.accelerator.init_trackers(self.task.name.replace(":", "_"),
-                                           config={k: v for k, v in self.config.flat().items()
-                                                   if isinstance(v, (int, float, str, bool))})
+        if self.config.eval.log_with == "none":
+            return
+        # After a resume from step S, TensorBoard hides what the interrupted run logged after S.
+        purge = {"tensorboard": {"purge_step": self.state.global_step + 1}} if self.state.global_step else {}
+        self.accelerator.init_trackers(self.task.name.replace(":", "_"), init_kwargs=purge,
+                                       config={k: v for k, v in self.config.flat().items()
+                                               if isinstance(v, (int, float, str, bool))})
