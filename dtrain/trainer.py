@@ -80,13 +80,15 @@ class Trainer:
                  train_dataloader: DataLoader | None = None, eval_dataloader: DataLoader | None = None,
                  optimizer: torch.optim.Optimizer | None = None, accelerator=None,
                  resume_command: str | None = None):
-        self.config = (config or Config()).validate()
+        self.config = config or Config()
         if task is None:
             if model is None or loss_fn is None or train_dataloader is None:
                 raise UsageError("Trainer needs task=, or model=, loss_fn= and train_dataloader=")
             task = Task.from_pieces(model, loss_fn, train_dataloader, eval_dataloader)
             if train_dataloader.batch_size:
                 self.config.train.batch_size = train_dataloader.batch_size
+            self.config.output_dir = self.config.output_dir or str(Path("runs") / task.name)
+        self.config.validate()
         self.task = task
         self.accelerator = accelerator or make_accelerator(self.config)
         self.output_dir = Path(self.config.output_dir)
