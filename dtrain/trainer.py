@@ -28,9 +28,9 @@ from dtrain.checkpoint.layout import step_dirs
 from dtrain.config import Config, write_config
 from dtrain.data import ResumableBatchSampler, ShardedEvalSampler, make_loader
 from dtrain.distributed import barrier
-from dtrain.lock import RunLock
 from dtrain.errors import CheckpointError, Interrupted, UsageError
 from dtrain.interrupt import InterruptHandler
+from dtrain.lock import RunLock
 from dtrain.metrics import MetricsLog
 from dtrain.rng import preserved_rng
 from dtrain.runtime import make_accelerator
