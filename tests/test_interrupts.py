@@ -236,4 +236,7 @@ def test_agreement_every_k_steps_stops_on_a_multiple_of_k(runner, tmp_path):
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=60)
     assert proc.returncode == 143
-    assert assert_interrupt_checkpoint(out, "SIGTERM") % 7 == 0
+    step = assert_interrupt_checkpoint(out, "SIGTERM")
+    # Ranks agree every 7 steps, and also right after each save (every 20), where a signal that came in
+    # during the save is acted on at once.
+    assert step % 7 == 0 or step % 20 == 0, step
