@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ from dtrain.checkpoint.resolve import find_latest
 from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, checkpoints_to_delete
 from dtrain.errors import UsageError
 from dtrain.metrics import read_records
+from dtrain.utils import remove_tree
 
 
 def checkpoints_dir_of(path: str | Path) -> Path:
@@ -200,7 +198,7 @@ def ckpt_prune(args) -> None:
         if args.dry_run:
             print(f"would delete {name}")
             continue
-        _discard(checkpoints_dir / name)
+        remove_tree(checkpoints_dir / name)
         print(f"deleted {name}")
     if args.dry_run:
         print(f"dry run: {len(doomed)} checkpoint(s) would be deleted; nothing was deleted")
@@ -215,12 +213,6 @@ def _run_monitor(checkpoints_dir: Path) -> tuple[str, str]:
             return evaluation["monitor"], evaluation.get("mode", "min")
     return "val_loss", "min"
 
-
-def _discard(path: Path) -> None:
-    """Deletes a checkpoint by renaming it to a dot-name first: a crash mid-delete leaves only trash."""
-    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,3 +42,11 @@ def lazy_exports(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def remove_tree(path: Path) -> None:
+    """Deletes a directory by first renaming it to a `.trash-` dot-name, so a crash mid-delete leaves only
+    trash (never a half-deleted directory that still looks like a checkpoint or a stage output)."""
+    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)

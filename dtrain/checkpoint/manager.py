@@ -18,7 +18,6 @@ import os
 import shutil
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +33,7 @@ from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, best_
 from dtrain.checkpoint.snapshot import HostCopier, Snapshot, supports_snapshot, take_snapshot
 from dtrain.distributed import all_ranks_ok, barrier, new_side_group
 from dtrain.errors import CheckpointError
-from dtrain.utils import fsync_path
+from dtrain.utils import fsync_path, remove_tree
 
 logger = get_logger(__name__)
 
@@ -90,7 +89,7 @@ class CheckpointManager:
         if self.is_main and self.dir.is_dir():
             for path in self.dir.iterdir():
                 if path.name.startswith((".tmp-", ".trash-")) and path.is_dir():
-                    _remove(path)
+                    remove_tree(path)
                 elif path.name.startswith(".") and ".tmp-" in path.name and not path.is_dir():
                     path.unlink(missing_ok=True)
         barrier()
@@ -102,7 +101,7 @@ class CheckpointManager:
             for pointer in (LATEST, BEST):
                 (self.dir / pointer).unlink(missing_ok=True)
             for path in existing:
-                _remove(path)
+                remove_tree(path)
         barrier()
         return len(existing)
 
@@ -184,7 +183,7 @@ class CheckpointManager:
     def _fresh_temp_dir(self, temp: Path) -> None:
         if self.is_main:
             if temp.exists():
-                _remove(temp)
+                remove_tree(temp)
             temp.mkdir(parents=True)
         self._reached("temp_created")
 
@@ -203,7 +202,7 @@ class CheckpointManager:
         self._reached("manifest_written")
         final = self.dir / step_dir_name(step)
         if final.exists():  # a re-save of this step (e.g. a damaged one that resume skipped)
-            _remove(final)
+            remove_tree(final)
         os.rename(temp, final)
         fsync_path(self.dir)
         self._reached("renamed")
@@ -224,7 +223,7 @@ class CheckpointManager:
         deleted = []
         for step in checkpoints_to_delete(self.timeline(latest_step), self.policy, protected):
             try:
-                _remove(self.dir / step_dir_name(step))
+                remove_tree(self.dir / step_dir_name(step))
                 deleted.append(step_dir_name(step))
             except OSError as exc:
                 logger.warning(f"retention could not delete {step_dir_name(step)}: {exc}")
@@ -299,11 +298,5 @@ class CheckpointManager:
     def verify(self, path: str | Path, checksums: bool | None = None):
         return verify_checkpoint(Path(path), self.verify_checksums if checksums is None else checksums)
 
-
-def _remove(path: Path) -> None:
-    """Deletes a directory by first renaming it to a dot-name, so a crash mid-delete leaves only trash."""
-    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 

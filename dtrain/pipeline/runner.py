@@ -9,14 +9,10 @@ with its own Accelerator. A signal during a stage is handled by the trainer exac
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
 import sys
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from dtrain.checkpoint.layout import BEST, read_pointer, verify_checkpoint
@@ -26,6 +22,7 @@ from dtrain.errors import Interrupted, UsageError
 from dtrain.pipeline.spec import Pipeline, Stage
 from dtrain.pipeline.state import (StageStatus, count_checkpoints, pipeline_status, read_provenance,
                                    stage_has_outputs, write_provenance, write_state_file)
+from dtrain.utils import remove_tree
 
 T = TypeVar("T")
 
@@ -116,15 +113,9 @@ def _confirm_and_delete_outputs(pipeline: Pipeline, yes: bool) -> None:
         if input("Delete them and start over? [y/N] ").strip().lower() not in ("y", "yes"):
             raise UsageError("--fresh was not confirmed; nothing was deleted")
     for stage in existing:
-        _discard(stage.output_dir)
+        remove_tree(stage.output_dir)
     pipeline.state_file.unlink(missing_ok=True)
 
-
-def _discard(path: Path) -> None:
-    """Deletes a folder by renaming it to a dot-name first, so a crash half-way leaves only trash."""
-    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------- one stage
@@ -136,7 +127,7 @@ def prepare_stage(pipeline: Pipeline, stage: Stage, planned: PlannedStage) -> Co
     if planned.action == "resume":
         return stage.config(init_from=init_from, resume=planned.resume_from)
     if stage.output_dir.exists():
-        _discard(stage.output_dir)  # before stage.json, so old checkpoints never pass for the new run
+        remove_tree(stage.output_dir)  # before stage.json, so old checkpoints never pass for the new run
     inputs = {dep: (read_provenance(pipeline.stage(dep)) or {}).get("run_id") for dep in stage.depends_on}
     write_provenance(stage, inputs, init_from)
     return stage.config(init_from=init_from)
