@@ -95,6 +95,21 @@ def runner():
     r.cleanup()
 
 
+def reset_accelerate() -> None:
+    """Clears Accelerate's process-wide settings, so each in-process training starts from scratch."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """For tests that train inside the pytest process: Accelerate settings never leak between tests."""
+    reset_accelerate()
+    yield
+    reset_accelerate()
+
+
 def wait_for(predicate, timeout: float = 120, interval: float = 0.1, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, load_weights, same_tensors, train_cmd, wait_for
+from conftest import FAST, load_weights, reset_accelerate, same_tensors, train_cmd, wait_for
 
 from dtrain.checkpoint import CheckpointManager, RetentionPolicy, verify_checkpoint
 from dtrain.checkpoint.layout import read_pointer, step_dirs
@@ -29,17 +29,7 @@ from dtrain.train import main
 CRASH_ARGS = [*FAST, "--save-every-steps", "10", "--max-steps", "30"]
 
 
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    reset_accelerate()
-    yield
-    reset_accelerate()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def train_in_process(*argv: str) -> int:

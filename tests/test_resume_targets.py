@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import FAST, load_weights, same_tensors
+from conftest import FAST, load_weights, reset_accelerate, same_tensors
 
 from dtrain import cli
 from dtrain.checkpoint.layout import read_pointer, step_dirs, verify_checkpoint
@@ -18,19 +18,11 @@ from dtrain.train import main
 BASE = [*FAST, "--save-every-steps", "10", "--max-steps", "30"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 def train(capsys, out: Path, *extra: str) -> tuple[int, str]:
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     code = main([*BASE, "--output-dir", str(out), *extra])
     return code, capsys.readouterr().err
 
@@ -62,12 +54,10 @@ def resume_events(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """A finished run with checkpoints at steps 10, 20 and 30 (trained once, copied per test)."""
-    from accelerate.state import AcceleratorState
-
     out = tmp_path_factory.mktemp("base") / "run"
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     assert main([*BASE, "--output-dir", str(out)]) == 0
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     return out
 
 

@@ -1,4 +1,4 @@
-"""Deterministic, resumable data order.
+"""Deterministic, resumable order of a map-style dataset.
 
 The order of an epoch is a pure function of (seed, epoch): one permutation of the dataset, read as a sequence
 of global micro-batches of `world_size * batch_size` samples, rank r taking the r-th slice of each. A position
@@ -9,11 +9,9 @@ may resume with another world size and still see every remaining sample of the e
 
 from __future__ import annotations
 
-import signal
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -78,35 +76,3 @@ class ResumableBatchSampler:
         for step in range(len(self)):
             begin = first + step * per_step
             yield order[begin:begin + self.batch_size].tolist()
-
-
-class ShardedEvalSampler:
-    """Eval indices split across ranks without padding, so summed metrics count every sample once."""
-
-    def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, max_batches: int = 0):
-        indices = list(range(rank, num_samples, world_size))
-        self.batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-        if max_batches:
-            self.batches = self.batches[:max_batches]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-
-def _ignore_interrupts_in_worker(_worker_id: int) -> None:
-    # The trainer process decides how to stop; a worker that dies on Ctrl+C would only crash the loader.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def make_loader(dataset: Dataset, batch_sampler, collate_fn=None, num_workers: int = 0, seed: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    # An explicit generator keeps iterator creation from drawing on the global torch RNG; otherwise a resumed
-    # run (which creates one iterator more than a straight run) would see different dropout masks.
-    return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=num_workers,
-                      generator=torch.Generator().manual_seed(seed), pin_memory=pin_memory,
-                      worker_init_fn=_ignore_interrupts_in_worker if num_workers else None,
-                      persistent_workers=False)
