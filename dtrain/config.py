@@ -63,8 +63,13 @@ class TrainConfig:
     warmup_steps: int = field(default=50, **_opt("linear warm-up steps before the cosine decay"))
     min_lr_ratio: float = field(default=0.1, **_opt("final learning rate as a fraction of --lr"))
     grad_clip: float = field(default=1.0, **_opt("max gradient norm; 0 = off"))
-    mixed_precision: str = field(default="no", **_opt("autocast precision", ("no", "fp16", "bf16")))
-    device: str = field(default="auto", **_opt("where to train", ("auto", "cpu", "cuda")))
+    # None = not set by dtrain: the launcher decides (`accelerate launch --mixed_precision`, `--cpu`, or its
+    # config file); the value actually used is written back into the config and the checkpoints.
+    mixed_precision: str | None = field(default=None, **_opt(
+        "autocast precision; default: what the launcher says (accelerate launch --mixed_precision or its "
+        "config file), else no", ("no", "fp16", "bf16")))
+    device: str = field(default="auto", **_opt("where to train; auto: the launcher's --cpu, else cuda if "
+                                               "available, else cpu", ("auto", "cpu", "cuda")))
     num_workers: int = field(default=0, **_opt("DataLoader worker processes"))
 
     def validate(self) -> None:

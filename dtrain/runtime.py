@@ -6,24 +6,53 @@ import os
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import ProjectConfiguration
 
 from dtrain.config import Config
 from dtrain.errors import UsageError
 
+logger = get_logger(__name__)
+
+
+def launcher_settings() -> dict[str, str]:
+    """What `accelerate launch` (its flags or its config file) asked for; it passes them as environment
+    variables. Empty under torchrun or plain python."""
+    settings = {}
+    precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "").lower()
+    if precision in ("no", "fp16", "bf16"):
+        settings["mixed_precision"] = precision
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        settings["device"] = "cpu"
+    return settings
+
 
 def resolve_device(requested: str) -> str:
     if requested == "auto":
+        if launcher_settings().get("device") == "cpu":
+            return "cpu"
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
         raise UsageError("invalid value for device: 'cuda': no CUDA GPU is available here; accepted: auto, cpu")
     return requested
 
 
+def resolve_precision(requested: str | None) -> tuple[str, str | None]:
+    """dtrain's own setting (flag or config file) wins; unset, the launcher's; else no.
+    Returns the precision and, when dtrain's setting overrides a different launcher setting, what to say."""
+    launcher = launcher_settings().get("mixed_precision")
+    if requested is None:
+        return launcher or "no", None
+    if launcher is not None and launcher != requested:
+        return requested, (f"the launcher asked for mixed precision {launcher!r}; --mixed-precision "
+                           f"{requested!r} (dtrain's flag or config file) wins")
+    return requested, None
+
+
 def make_accelerator(config: Config) -> Accelerator:
     device = resolve_device(config.train.device)
-    precision = config.train.mixed_precision
+    precision, conflict = resolve_precision(config.train.mixed_precision)
     if device == "cpu" and precision == "fp16":
         raise UsageError("invalid value for mixed_precision: 'fp16' needs a GPU; accepted on the CPU: no, bf16")
     if config.eval.log_with in ("tensorboard", "wandb"):
@@ -36,6 +65,11 @@ def make_accelerator(config: Config) -> Accelerator:
         accelerator = _create(config, device, precision)
     except ValueError as exc:  # Accelerate's message for an inconsistent launch environment (MASTER_ADDR, ...)
         raise UsageError(f"could not set up Accelerate for this launch: {exc}") from None
+    config.train.mixed_precision = accelerator.mixed_precision  # recorded in config.yaml and every checkpoint
+    if conflict:
+        logger.warning(conflict)  # only now: Accelerate's logger needs the Accelerator's state
+    if config.train.device == "cuda" and launcher_settings().get("device") == "cpu":
+        logger.warning("the launcher asked for the CPU (--cpu); --device cuda (dtrain's flag or config file) wins")
     launched_ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if launched_ranks > 1 and accelerator.num_processes != launched_ranks:
         raise UsageError(f"launched with WORLD_SIZE={launched_ranks} but Accelerate set up "

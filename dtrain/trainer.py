@@ -91,6 +91,7 @@ class Trainer:
         self.config.validate()
         self.task = task
         self.accelerator = accelerator or make_accelerator(self.config)
+        self.config.train.mixed_precision = self.accelerator.mixed_precision  # the precision actually used
         self.output_dir = Path(self.config.output_dir)
         self.is_main = self.accelerator.is_main_process
         self.state = TrainerState(world_size=self.accelerator.num_processes)
@@ -351,7 +352,7 @@ class Trainer:
     def _checkpoint_state(self) -> dict[str, Any]:
         return {**asdict(self.state), "task": self.task.name, "shape": self.task.shape,
                 "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
-                "mixed_precision": self.config.train.mixed_precision,
+                "mixed_precision": self.accelerator.mixed_precision,
                 "device": self.accelerator.device.type, "async": self.checkpoints.async_save,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
