@@ -22,6 +22,7 @@ from accelerate.utils import send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dtrain import certificate
 from dtrain import resume as resume_checks
 from dtrain.checkpoint import CheckpointManager, RetentionPolicy, resolve_resume
 from dtrain.checkpoint.layout import step_dirs
@@ -350,11 +351,37 @@ class Trainer:
                            f"save may be killed half-way. Use --async-save or raise the launcher's grace period")
 
     def _checkpoint_state(self) -> dict[str, Any]:
+        entry = certificate.local_entry(self._next_batch_digest(), certificate.planned_lrs(self.scheduler))
         return {**asdict(self.state), "task": self.task.name, "shape": self.task.shape,
+                "resume_certificate": certificate.gather_certificate(entry, self.accelerator.num_processes),
                 "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
                 "mixed_precision": self.accelerator.mixed_precision,
                 "device": self.accelerator.device.type, "async": self.checkpoints.async_save,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def _next_batch_digest(self) -> str:
+        """Identifies this rank's next micro-batch without loading it: its sample indices in the epoch order."""
+        epoch, position = self.state.epoch, self.state.epoch_samples_seen
+        if self.sampler.micro_steps_from(position) == 0:  # the epoch is used up: the next batch opens the next one
+            epoch, position = epoch + 1, 0
+        first = position + self.sampler.rank * self.sampler.batch_size
+        indices = self.sampler.epoch_order(epoch)[first:first + self.sampler.batch_size]
+        return certificate.digest("indices", indices)
+
+    def _check_resume_certificate(self, saved: dict[str, Any] | None, path: Path) -> None:
+        """Before the first resumed step: is the next step's input what it would have been without the stop?"""
+        entry = certificate.local_entry(self._next_batch_digest(), certificate.planned_lrs(self.scheduler))
+        mine = certificate.differences(saved, entry, self.accelerator.process_index, self.accelerator.num_processes)
+        differ = certificate.agree_on_differences(mine, self.accelerator.device)
+        if not differ:
+            if saved:
+                logger.info(f"resume certificate of {path.name} matches: the next step continues the run exactly")
+            return
+        message = (f"the resume certificate of {path.name} does not match: {certificate.describe(differ)}; "
+                   f"the resumed run will not be bit-identical to an uninterrupted one")
+        if self.config.checkpoint.strict_resume:
+            raise UsageError(f"--strict-resume: {message}")
+        logger.warning(message)
 
     def _stop_on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -413,6 +440,7 @@ class Trainer:
             logger.warning(f"world size changed from {loaded.get('world_size')} to {self.accelerator.num_processes}: "
                            f"continuing at sample {self.state.epoch_samples_seen} of epoch {self.state.epoch}; "
                            f"the run is correct but not bit-identical to an uninterrupted one")
+        self._check_resume_certificate(saved.get("resume_certificate"), path)  # before anything is rewritten
         dropped = self.metrics.rewind(self.state.global_step)
         self.metrics.event("resume", self.state.global_step, world_size=self.accelerator.num_processes,
                            checkpoint=str(path), from_world_size=loaded.get("world_size"), dropped_records=dropped)

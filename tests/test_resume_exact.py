@@ -95,6 +95,7 @@ def test_two_process_resume_is_bit_identical(runner, tmp_path):
     result = runner.run(train_cmd(*args, "--output-dir", str(resumed), "--resume",
                                   str(straight / "checkpoints" / "step_000000080"), processes=2))
     assert result.returncode == 0, result.stdout[-3000:]
+    assert "resume certificate of step_000000080 matches" in result.stdout  # both ranks' digests agreed
     assert_same_end(straight, resumed)
     for rank in (0, 1):
         a = safe_load(final_checkpoint(straight) / f"random_states_{rank}.pkl")["torch_manual_seed"]
