@@ -6,6 +6,7 @@
     dtrain ckpt list|show|verify|prune|export checkpoint tools
     dtrain eval PATH                          evaluate a checkpoint on its task's eval split
     dtrain plot OUTPUT_DIR                    training/eval curves with interrupts, resumes, checkpoints
+    dtrain status OUTPUT_DIR                  how the last run ended; exits with that run's exit code
 
 Each command's code is imported only when it runs, so `dtrain ckpt list` does not pay for importing torch.
 """
@@ -29,6 +30,7 @@ HANDLERS = {
     ("ckpt", "export"): "dtrain.export:export_command",
     ("eval", None): "dtrain.evaluate:eval_command",
     ("plot", None): "dtrain.plot:plot_command",
+    ("status", None): "dtrain.exit_status:status_command",
 }
 # Commands that parse their own arguments: everything after the command name is theirs.
 PASS_THROUGH = {"train": "dtrain.train:main", "verify-resume": "dtrain.verify_resume:main"}
@@ -115,6 +117,10 @@ def build_parser() -> DtrainArgumentParser:
     plot = commands.add_parser("plot", help="training/eval curves of a run as a PNG (needs dtrain[plot])")
     plot.add_argument("output_dir")
     plot.add_argument("--out", metavar="FILE.png", help="default: OUTPUT_DIR/metrics.png")
+    status = commands.add_parser("status", help="how the last run in OUTPUT_DIR ended (exit_status.json); "
+                                                "exits with that run's exit code, 2 if there is none")
+    status.add_argument("output_dir")
+    status.add_argument("--json", action="store_true", help="print the file's JSON")
     return parser
 
 

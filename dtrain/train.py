@@ -1,6 +1,8 @@
 """dtrain's entry script: `accelerate launch dtrain/train.py [ARGS]` (also torchrun, python, `dtrain train`).
 
-Parse the config, set up Accelerate, build the task, train. Exit codes follow CONTRACT section 3.
+Parse the config, set up Accelerate, build the task, train. Exit codes: 0 finished, 1 failed, 2 bad usage,
+128+N stopped by signal N after a committed checkpoint; the main process also records the outcome in
+OUTPUT_DIR/exit_status.json, since launchers replace these codes with their own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ if __package__ in (None, ""):
 
 from dtrain.cli_common import DtrainArgumentParser, run_main  # noqa: E402
 from dtrain.config import Config, add_config_flags, config_from_args  # noqa: E402
+from dtrain.exit_status import RunOutcome  # noqa: E402
 
 
 def build_parser(prog: str = "dtrain train") -> DtrainArgumentParser:
@@ -25,9 +28,11 @@ def build_parser(prog: str = "dtrain train") -> DtrainArgumentParser:
     return parser
 
 
-def train(config: Config, stop_at_step: int | None = None, resume_command: str | None = None):
+def train(config: Config, stop_at_step: int | None = None, resume_command: str | None = None,
+          outcome: RunOutcome | None = None):
     """Trains the task a Config names; returns the FitResult (raises Interrupted on a signal).
-    `resume_command` replaces the printed `Resume with:` command (e.g. a pipeline's own)."""
+    `resume_command` replaces the printed `Resume with:` command (e.g. a pipeline's own); `outcome` collects
+    what exit_status.json will say."""
     from accelerate.utils import set_seed
 
     from dtrain.runtime import make_accelerator
@@ -37,11 +42,30 @@ def train(config: Config, stop_at_step: int | None = None, resume_command: str |
     accelerator = make_accelerator(config)
     set_seed(config.train.seed)
     task = build_task(config.task, config.train.seed)
-    return Trainer(config, task, accelerator=accelerator, resume_command=resume_command).fit(stop_at_step=stop_at_step)
+    trainer = Trainer(config, task, accelerator=accelerator, resume_command=resume_command)
+    if outcome is not None:
+        outcome.trainer = trainer
+    result = trainer.fit(stop_at_step=stop_at_step)
+    if outcome is not None:
+        outcome.fit_reason = result.reason
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(lambda: train(config_from_args(build_parser().parse_args(argv))))
+    outcome = RunOutcome()
+
+    def parse_and_train() -> None:
+        config = config_from_args(build_parser().parse_args(argv))
+        outcome.output_dir = config.output_dir
+        train(config, outcome=outcome)
+
+    try:
+        code = run_main(parse_and_train)
+    except BaseException:  # an unexpected failure: recorded, then Python prints the traceback and exits 1
+        outcome.record(1)
+        raise
+    outcome.record(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -383,6 +383,11 @@ class Trainer:
             raise UsageError(f"--strict-resume: {message}")
         logger.warning(message)
 
+    @property
+    def resume_command(self) -> str | None:
+        """The command that resumes this run (known once it has started)."""
+        return self._resume_command
+
     def _stop_on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         self.metrics.event("interrupt", self.state.global_step, signal=name)

@@ -31,3 +31,18 @@ def recording_regression(config, seed):
     task = regression.build(config, seed)
     task.train_data = RecordingDataset(task.train_data, Path(os.environ["DTRAIN_TEST_SEEN_DIR"]))
     return task
+
+
+def crashing_regression(config, seed):
+    """The regression task whose loss raises on its 12th call: an unexpected failure mid-run."""
+    task = regression.build(config, seed)
+    inner, calls = task.loss, [0]
+
+    def loss(model, batch):
+        calls[0] += 1
+        if calls[0] == 12:
+            raise RuntimeError("simulated crash in the user's loss function")
+        return inner(model, batch)
+
+    task.loss = loss
+    return task
