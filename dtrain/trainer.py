@@ -36,6 +36,7 @@ from dtrain.metrics import MetricsLog
 from dtrain.rng import preserved_rng
 from dtrain.runtime import make_accelerator
 from dtrain.schedule import warmup_cosine
+from dtrain.shared_dir import check_every_node_sees
 from dtrain.tasks import Task
 from dtrain.tasks.base import evaluation_sums, metrics_from_sums
 
@@ -410,6 +411,7 @@ class Trainer:
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         barrier()
+        check_every_node_sees(self.output_dir, self.accelerator)
         self._lock.acquire()
         resolution = resolve_resume(cfg.resume, ckpt_dir, cfg.verify_checksums)
         for skipped in resolution.skipped:

@@ -1,0 +1,41 @@
+"""Every node must see the same output directory: checked at start-up, because otherwise each node would resume
+from whatever its own disk holds and the ranks would silently train from different checkpoints.
+
+Rank 0 writes a marker with a fresh random token; the first process of every node reads it back. A node that
+does not find the token is looking at another directory (a node-local disk, another mount), and the run is
+refused on every rank with one error that names the hosts.
+"""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from pathlib import Path
+
+from dtrain.errors import UsageError
+from dtrain.utils import atomic_write_text
+
+MARKER = ".dtrain-shared-check"
+
+
+def check_every_node_sees(directory: Path, accelerator) -> None:
+    """Call on every rank, after rank 0 created `directory`. A no-op in a single process."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = secrets.token_hex(16)
+    if accelerator.is_main_process:
+        atomic_write_text(directory / MARKER, token)
+    token = broadcast_object_list([token], from_process=0)[0]
+    sees = True
+    if accelerator.is_local_main_process:  # ranks of one node share its filesystem
+        try:
+            sees = (directory / MARKER).read_text() == token
+        except OSError:
+            sees = False
+    blind = sorted({host for host, ok in gather_object([(socket.gethostname(), sees)]) if not ok})
+    if blind:
+        raise UsageError(f"{directory} is not the same directory on every node: the node(s) {', '.join(blind)} "
+                         f"do not see what rank 0 wrote there; put --output-dir on a filesystem that every node "
+                         f"mounts at the same path")
