@@ -3,6 +3,9 @@
 The file's metadata carries what is needed to use it without the run: the config (JSON), the step and epoch,
 the task and the source checkpoint. `load_exported(path)` rebuilds the task's model from that config and loads
 the weights; `safetensors.torch.load_file(path)` reads the plain tensors.
+
+Tied weights are stored once, under the name the checkpoint holds (see dtrain/weights.py):
+`safetensors.torch.load_model(model, path)` and `load_exported` fill the shared tensor and keep the tie.
 """
 
 from __future__ import annotations
