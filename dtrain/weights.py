@@ -53,10 +53,6 @@ class WeightsFit:
         return (self.mismatched + [f"{name}: missing in the checkpoint" for name in self.missing]
                 + [f"{name}: not in the model" for name in self.unexpected])
 
-    @property
-    def ok(self) -> bool:
-        return not (self.mismatched or self.missing or self.unexpected)
-
 
 def compare(saved: Mapping[str, Shape], model: nn.Module) -> WeightsFit:
     """Compares a file's tensor names and shapes (`saved`) with the model's, counting tied names as one."""
@@ -107,10 +103,7 @@ def load_weights(model: nn.Module, path: str | Path) -> WeightsFit:
     from safetensors.torch import load_file
 
     fit = check_fits(path, model)
-    # load_state_dict copies into the model's existing tensors: a tied pair stays one tensor.
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-    left_out = set(missing) - set(fit.aliased)
-    if left_out or unexpected:  # check_fits above makes this unreachable unless the model changes under us
-        raise UsageError(f"{path} did not load into the model: missing {sorted(left_out)}, "
-                         f"unexpected {sorted(unexpected)}")
+    # Not strict: the names check_fits found stored under an alias are "missing" here, and filled all the same,
+    # because load_state_dict copies into the model's existing tensors and a tied pair is one tensor.
+    model.load_state_dict(load_file(str(path)), strict=False)
     return fit

@@ -41,6 +41,8 @@ class HostCopier:
         return self._copy(value, key, {})
 
     def _copy(self, value: Any, key: tuple, copied: dict[tuple, tuple]) -> Any:
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+            return value.detach().to("cpu", copy=True)  # sparse tensors have no storage to share
         if isinstance(value, torch.Tensor):
             return self._copy_tensor(value.detach(), key, copied)
         if isinstance(value, dict):
