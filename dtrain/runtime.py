@@ -7,9 +7,10 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from dtrain.config import Config
+from dtrain.distributed import collective_timeout, set_collective_timeout
 from dtrain.errors import UsageError
 
 
@@ -51,6 +52,9 @@ def _create(config: Config, device: str, precision: str) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     log_with = None if config.eval.log_with == "none" else config.eval.log_with
+    # A dead or hung peer turns into an error after this long instead of torch's 30 minutes (gloo). It applies
+    # when this call creates the process group; a group the process already has keeps its own limit.
+    set_collective_timeout(config.train.collective_timeout_seconds)
     return Accelerator(
         cpu=device == "cpu",  # on the CPU this is what makes multi-process runs use gloo (MULTI_CPU)
         mixed_precision=precision,
@@ -58,4 +62,5 @@ def _create(config: Config, device: str, precision: str) -> Accelerator:
         step_scheduler_with_optimizer=False,  # we step the scheduler once per optimizer step ourselves
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())],
     )
