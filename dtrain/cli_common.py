@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import traceback
 from typing import Any, Callable
 
@@ -51,9 +52,10 @@ def run_main(action: Callable[[], Any]) -> int:
         # In a group the traceback is printed here, because leaving may have to skip the interpreter's exit.
         traceback.print_exc()
         if _is_lost_peer(exc):
+            first_line = (str(exc).splitlines() or [""])[0][:300]
             print(f"dtrain: error: rank {os.environ.get('RANK', '?')} lost contact with another rank "
-                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); stopping without saving: "
-                  f"committed checkpoints are intact, resume with --resume latest", file=sys.stderr)
+                  f"({type(exc).__name__}: {first_line}); stopping without saving: committed checkpoints are "
+                  f"intact, resume with --resume latest", file=sys.stderr)
     finally:
         if not _close_process_group(every_rank_here):
             _leave_now(code)
@@ -89,6 +91,7 @@ def _close_process_group(every_rank_here: bool) -> bool:
         # with another collective, so skip it and leave without a teardown that might wait for that peer.
         if not every_rank_here:
             return False
+        _fault_before_exit_barrier()
         # Nobody tears the group down while a peer may still be talking to it (a gloo rank whose peer closed
         # its sockets first was seen to abort at exit); a peer that does not come within the bound is gone.
         if not bounded_barrier(exit_barrier_seconds()):
@@ -97,6 +100,15 @@ def _close_process_group(every_rank_here: bool) -> bool:
             return False
     dist.destroy_process_group()
     return True
+
+
+def _fault_before_exit_barrier() -> None:
+    """Fault injection for tests: DTRAIN_FAULT_AT=exit_barrier:sleep=S holds this rank (only rank
+    DTRAIN_FAULT_RANK, if set) S seconds before the exit barrier, like a peer that hangs or whose node vanished."""
+    fault = os.environ.get("DTRAIN_FAULT_AT", "")
+    rank = os.environ.get("DTRAIN_FAULT_RANK")
+    if fault.startswith("exit_barrier:sleep=") and rank in (None, os.environ.get("RANK", "0")):
+        time.sleep(float(fault.split("=", 1)[1]))
 
 
 def _leave_now(code: int) -> None:
