@@ -100,7 +100,7 @@ class Trainer:
             self.accelerator, self.output_dir / "checkpoints",
             RetentionPolicy(ckpt.keep_last, ckpt.keep_best, ckpt.keep_every_steps, self.config.eval.mode),
             monitor=self.config.eval.monitor, verify_checksums=ckpt.verify_checksums, async_save=ckpt.async_save)
-        self.interrupts = InterruptHandler()
+        self.interrupts = InterruptHandler(exit_grace_seconds=ckpt.signal_grace_seconds)
         self._resume_command = resume_command  # printed after an interrupt; default: this run's own command
         self._lock = RunLock(self.output_dir, self.accelerator)
         self._build_training_objects(optimizer)

@@ -150,6 +150,24 @@ def test_launcher_killed_with_sigkill_workers_save_and_exit_and_the_run_resumes(
     only_complete_checkpoints(out)
 
 
+def test_launcher_killed_while_a_rank_hangs_every_worker_still_exits(runner, workers, tmp_path):
+    out = tmp_path / "run"
+    launcher = start_two_ranks(runner, out, "--signal-grace-seconds", "5")
+    ranks = workers(launcher)
+    os.kill(ranks[1], signal.SIGSTOP)  # hangs (keeps its connections open): rank 0 cannot agree with it
+    launcher.kill()
+    # Rank 0 is held in a collective with the stopped rank; with nobody left to SIGKILL it, it leaves by itself
+    # once the launcher's grace period is over, without committing anything.
+    wait_for(lambda: not is_alive(ranks[0]), timeout=40, what="rank 0 to exit after the launcher's death")
+    os.kill(ranks[1], signal.SIGCONT)  # the hung rank wakes up to a dead launcher and a dead peer
+    wait_for(lambda: not is_alive(ranks[1]), timeout=40, what="rank 1 to exit once it runs again")
+    output = output_of(launcher)
+    assert "the launcher is gone and this rank did not stop within 5s" in output, output[-3000:]
+    assert not [r for r in records(out) if r.get("event") == "interrupt"], "no rank could agree to save"
+    assert only_complete_checkpoints(out)
+    assert lock_is_free(out)  # and `--resume latest` works: see the test above
+
+
 def test_rank_killed_with_sigkill_the_other_stops_at_once_with_a_clear_error(runner, workers, tmp_path):
     out = tmp_path / "run"
     launcher = start_two_ranks(runner, out)
@@ -200,7 +218,7 @@ def test_fault_on_rank_0_after_the_commit_stops_both_ranks_with_the_same_error(r
 def test_rank_that_never_reaches_the_exit_barrier_does_not_hold_the_others(runner, workers, tmp_path):
     out = tmp_path / "run"
     # After the agreed save, rank 1 hangs before the final barrier (as a peer whose node vanished would).
-    launcher = start_two_ranks(runner, out, "--collective-timeout-seconds", "5",
+    launcher = start_two_ranks(runner, out, "--collective-timeout-seconds", "5", "--signal-grace-seconds", "120",
                                DTRAIN_FAULT_AT="exit_barrier:sleep=300", DTRAIN_FAULT_RANK="1")
     ranks = workers(launcher)
     launcher.kill()
