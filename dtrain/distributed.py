@@ -73,6 +73,8 @@ def new_side_group():
 
 
 def barrier() -> None:
+    """A plain barrier. After work that can fail on some ranks only, use `run_and_agree` instead: a rank that
+    raised before the barrier would leave the others waiting until the collective timeout."""
     if is_distributed():
         dist.barrier()
 
@@ -99,8 +101,9 @@ def exit_barrier_seconds() -> float:
     return min(_collective_timeout, EXIT_BARRIER_SECONDS)
 
 
+# How gloo, NCCL and the TCP store word a peer that is gone (closed connections) or silent (a timeout).
 _LOST_PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting",
-                       "timed out", "Broken pipe", "NCCL communicator was aborted", "Watchdog caught collective")
+                       "Broken pipe", "NCCL communicator was aborted", "Watchdog caught collective")
 
 
 def is_lost_peer(exc: BaseException) -> bool:

@@ -156,9 +156,11 @@ def test_launcher_killed_while_a_rank_hangs_every_worker_still_exits(runner, wor
     ranks = workers(launcher)
     os.kill(ranks[1], signal.SIGSTOP)  # hangs (keeps its connections open): rank 0 cannot agree with it
     launcher.kill()
+    killed_at = time.monotonic()
     # Rank 0 is held in a collective with the stopped rank; with nobody left to SIGKILL it, it leaves by itself
     # once the launcher's grace period is over, without committing anything.
     wait_for(lambda: not is_alive(ranks[0]), timeout=40, what="rank 0 to exit after the launcher's death")
+    print(f"rank 0 gone {time.monotonic() - killed_at:.1f}s after the launcher was killed (grace 5 s)")
     os.kill(ranks[1], signal.SIGCONT)  # the hung rank wakes up to a dead launcher and a dead peer
     wait_for(lambda: not is_alive(ranks[1]), timeout=40, what="rank 1 to exit once it runs again")
     output = output_of(launcher)
@@ -173,8 +175,10 @@ def test_rank_killed_with_sigkill_the_other_stops_at_once_with_a_clear_error(run
     launcher = start_two_ranks(runner, out)
     ranks = workers(launcher)
     os.kill(ranks[1], signal.SIGKILL)
+    killed_at = time.monotonic()
     # Well inside the launcher's own 30 s grace before it SIGKILLs what is left: rank 0 leaves by itself.
     wait_for(lambda: not is_alive(ranks[0]), timeout=25, what="rank 0 to exit after rank 1 was killed")
+    print(f"rank 0 gone {time.monotonic() - killed_at:.1f}s after rank 1 was killed")
     output = output_of(launcher)
     assert "dtrain: error: rank 0 lost contact with another rank" in output, output[-3000:]
     assert "committed checkpoints are intact" in output
@@ -189,7 +193,9 @@ def test_hung_rank_turns_into_an_error_after_the_collective_timeout(runner, work
     # A stopped process keeps its connections open, like a hung peer or a node that vanished without closing
     # them: only the timeout can tell rank 0 (torch's default would keep it waiting for 30 minutes).
     os.kill(ranks[1], signal.SIGSTOP)
+    stopped_at = time.monotonic()
     wait_for(lambda: not is_alive(ranks[0]), timeout=45, what="rank 0 to give up on the stopped rank")
+    print(f"rank 0 gone {time.monotonic() - stopped_at:.1f}s after rank 1 stopped (collective timeout 5 s)")
     os.kill(ranks[1], signal.SIGKILL)
     output = output_of(launcher)
     assert "dtrain: error: rank 0 lost contact with another rank" in output, output[-3000:]
@@ -222,7 +228,9 @@ def test_rank_that_never_reaches_the_exit_barrier_does_not_hold_the_others(runne
                                DTRAIN_FAULT_AT="exit_barrier:sleep=300", DTRAIN_FAULT_RANK="1")
     ranks = workers(launcher)
     launcher.kill()
+    killed_at = time.monotonic()
     wait_for(lambda: not is_alive(ranks[0]), timeout=45, what="rank 0 to leave without its peer")
+    print(f"rank 0 gone {time.monotonic() - killed_at:.1f}s after the launcher was killed (exit barrier 5 s)")
     assert is_alive(ranks[1]), "rank 1 is still held before the barrier"
     os.kill(ranks[1], signal.SIGKILL)
     output = output_of(launcher)
