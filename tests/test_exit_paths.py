@@ -21,8 +21,6 @@ import pytest
 from conftest import FAST, REPO, train_cmd, wait_for
 from dtrain.checkpoint.layout import verify_checkpoint
 
-pytestmark = pytest.mark.slow
-
 # Never finishes on its own during a test; saves every 20 steps.
 LONG = [*FAST, "--epochs", "0", "--max-steps", "1000000", "--save-every-steps", "20"]
 # Launcher death -> all workers gone. What it takes: noticing (0.5 s poll), the step in progress, the agreement,
@@ -127,6 +125,7 @@ def output_of(proc: subprocess.Popen) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_launcher_killed_with_sigkill_workers_save_and_exit_and_the_run_resumes(runner, workers, tmp_path):
     out = tmp_path / "run"
     launcher = start_two_ranks(runner, out)
@@ -150,6 +149,7 @@ def test_launcher_killed_with_sigkill_workers_save_and_exit_and_the_run_resumes(
     only_complete_checkpoints(out)
 
 
+@pytest.mark.slow
 def test_launcher_killed_while_a_rank_hangs_every_worker_still_exits(runner, workers, tmp_path):
     out = tmp_path / "run"
     launcher = start_two_ranks(runner, out, "--signal-grace-seconds", "5")
@@ -170,6 +170,7 @@ def test_launcher_killed_while_a_rank_hangs_every_worker_still_exits(runner, wor
     assert lock_is_free(out)  # and `--resume latest` works: see the test above
 
 
+@pytest.mark.slow
 def test_rank_killed_with_sigkill_the_other_stops_at_once_with_a_clear_error(runner, workers, tmp_path):
     out = tmp_path / "run"
     launcher = start_two_ranks(runner, out)
@@ -186,6 +187,7 @@ def test_rank_killed_with_sigkill_the_other_stops_at_once_with_a_clear_error(run
     only_complete_checkpoints(out)
 
 
+@pytest.mark.slow
 def test_hung_rank_turns_into_an_error_after_the_collective_timeout(runner, workers, tmp_path):
     out = tmp_path / "run"
     launcher = start_two_ranks(runner, out, "--collective-timeout-seconds", "5")
@@ -203,6 +205,7 @@ def test_hung_rank_turns_into_an_error_after_the_collective_timeout(runner, work
     only_complete_checkpoints(out)
 
 
+@pytest.mark.slow
 def test_fault_on_rank_0_after_the_commit_stops_both_ranks_with_the_same_error(runner, workers, tmp_path):
     out = tmp_path / "run"
     # Rank 0 raises in the retention step of the second save, after step 40 was committed.
@@ -221,6 +224,7 @@ def test_fault_on_rank_0_after_the_commit_stops_both_ranks_with_the_same_error(r
     assert only_complete_checkpoints(out) == ["step_000000020", "step_000000040"]
 
 
+@pytest.mark.slow
 def test_rank_that_never_reaches_the_exit_barrier_does_not_hold_the_others(runner, workers, tmp_path):
     out = tmp_path / "run"
     # After the agreed save, rank 1 hangs before the final barrier (as a peer whose node vanished would).
@@ -242,6 +246,7 @@ def test_rank_that_never_reaches_the_exit_barrier_does_not_hold_the_others(runne
     only_complete_checkpoints(out)
 
 
+@pytest.mark.slow
 def test_rank_0_failing_to_create_the_output_dir_stops_every_rank_with_one_error(runner, tmp_path):
     in_the_way = tmp_path / "a-file"
     in_the_way.write_text("not a directory")
@@ -252,3 +257,35 @@ def test_rank_0_failing_to_create_the_output_dir_stops_every_rank_with_one_error
     assert errors == [f"dtrain: error: cannot create the output directory {in_the_way / 'run'}: Not a directory"], \
         result.stdout[-3000:]
     assert not traceback_from_dtrain(result.stdout)
+
+
+def test_collective_timeout_is_a_validated_config_field():
+    from dtrain.config import build_config
+    from dtrain.errors import UsageError
+
+    assert build_config().train.collective_timeout_seconds == 600
+    assert build_config(flag_values={"collective_timeout_seconds": "30"}).train.collective_timeout_seconds == 30
+    for bad in ("0", "-5", "nan", "inf", "soon"):
+        with pytest.raises(UsageError, match="invalid value for collective_timeout_seconds"):
+            build_config(flag_values={"collective_timeout_seconds": bad})
+
+
+def test_a_failure_before_an_agreement_is_reported_instead_of_raised():
+    from dtrain.distributed import run_and_agree
+
+    def fails():
+        raise PermissionError(13, "Permission denied")
+
+    ok, error = run_and_agree(fails)
+    assert not ok and isinstance(error, PermissionError)
+    assert run_and_agree(fails, run=False) == (True, None)  # ranks that skip the work only hear of failures
+    assert run_and_agree(lambda: None) == (True, None)
+
+
+def test_lost_peer_errors_are_told_apart_from_other_failures():
+    from dtrain.distributed import is_lost_peer
+
+    assert is_lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:1"))
+    assert is_lost_peer(RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv"))
+    assert not is_lost_peer(RuntimeError("CUDA out of memory"))
+    assert not is_lost_peer(ValueError("Connection closed by peer"))
