@@ -27,10 +27,11 @@ class RunLock:
         ok, error = run_and_agree(self._take, self.accelerator.is_main_process, self.accelerator.device)
         if ok:
             return
-        if isinstance(error, _Held) or error is None:  # error is None on the ranks that only heard of it
-            pid = error.pid if error is not None else "?"
-            raise UsageError(f"another dtrain run (pid {pid}) is using {self.path.parent}; wait for it to "
+        if isinstance(error, _Held):
+            raise UsageError(f"another dtrain run (pid {error.pid}) is using {self.path.parent}; wait for it to "
                              f"stop, or choose another --output-dir")
+        if error is None:  # a rank that only heard of rank 0's failure (rank 0 prints the reason)
+            raise UsageError(f"the main process could not take the run lock {self.path}")
         raise UsageError(f"cannot take the run lock {self.path}: {getattr(error, 'strerror', None) or error}")
 
     def _take(self) -> None:

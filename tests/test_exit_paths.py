@@ -289,3 +289,21 @@ def test_lost_peer_errors_are_told_apart_from_other_failures():
     assert is_lost_peer(RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv"))
     assert not is_lost_peer(RuntimeError("CUDA out of memory"))
     assert not is_lost_peer(ValueError("Connection closed by peer"))
+
+
+def test_run_lock_that_cannot_be_opened_is_one_usage_error(tmp_path, fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    from dtrain.errors import UsageError
+    from dtrain.lock import RunLock
+
+    lock = RunLock(tmp_path / "missing", Accelerator(cpu=True))  # rank 0's os.open fails before the agreement
+    with pytest.raises(UsageError, match=r"cannot take the run lock .*\.dtrain\.lock: No such file or directory"):
+        lock.acquire()
+    held = RunLock(tmp_path, lock.accelerator)
+    held.acquire()  # a usable directory: taken
+    try:
+        with pytest.raises(UsageError, match=f"another dtrain run \\(pid {os.getpid()}\\)"):
+            RunLock(tmp_path, lock.accelerator).acquire()
+    finally:
+        held.release()
