@@ -28,7 +28,7 @@ from dtrain.checkpoint import CheckpointManager, RetentionPolicy, resolve_resume
 from dtrain.checkpoint.layout import step_dirs
 from dtrain.config import Config, write_config
 from dtrain.data import ResumableBatchSampler, ShardedEvalSampler, make_loader
-from dtrain.distributed import barrier
+from dtrain.distributed import run_and_agree
 from dtrain.errors import CheckpointError, Interrupted, UsageError
 from dtrain.interrupt import InterruptHandler
 from dtrain.lock import RunLock
@@ -103,7 +103,7 @@ class Trainer:
             self.accelerator, self.output_dir / "checkpoints",
             RetentionPolicy(ckpt.keep_last, ckpt.keep_best, ckpt.keep_every_steps, self.config.eval.mode),
             monitor=self.config.eval.monitor, verify_checksums=ckpt.verify_checksums, async_save=ckpt.async_save)
-        self.interrupts = InterruptHandler()
+        self.interrupts = InterruptHandler(exit_grace_seconds=ckpt.signal_grace_seconds)
         self._resume_command = resume_command  # printed after an interrupt; default: this run's own command
         self._lock = RunLock(self.output_dir, self.accelerator)
         self._build_training_objects(optimizer)
@@ -408,9 +408,13 @@ class Trainer:
         self._last_save_time = time.monotonic()
         # Taken now: by the time a signal arrives, the launcher whose command line we read may be gone.
         self._resume_command = self._resume_command or resume_checks.resume_command(self.config.output_dir)
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        barrier()
+        # Rank 0 creates the directory; every rank learns whether that worked, so a failure there (a file in
+        # the way, no permission) stops all of them with one error instead of leaving them in a barrier.
+        created, error = run_and_agree(lambda: self.output_dir.mkdir(parents=True, exist_ok=True), self.is_main,
+                                       self.accelerator.device)
+        if not created:
+            reason = f": {getattr(error, 'strerror', None) or error}" if error is not None else " on rank 0"
+            raise UsageError(f"cannot create the output directory {self.output_dir}{reason}")
         check_every_node_sees(self.output_dir, self.accelerator)
         self._lock.acquire()
         resolution = resolve_resume(cfg.resume, ckpt_dir, cfg.verify_checksums)
