@@ -34,7 +34,7 @@ from dtrain.lock import RunLock
 from dtrain.metrics import MetricsLog
 from dtrain.rng import preserved_rng
 from dtrain.runtime import make_accelerator
-from dtrain.schedule import warmup_cosine
+from dtrain.schedule import LRPlan, plan_change, warmup_cosine
 from dtrain.tasks import Task
 from dtrain.tasks.base import evaluation_sums, metrics_from_sums
 
@@ -153,6 +153,7 @@ class Trainer:
             state = self.state
             while not self._finished():
                 self.sampler.set_epoch(state.epoch, state.epoch_samples_seen)
+                epoch = state.epoch
                 for batch in self.train_loader:
                     self._micro_step(send_to_device(batch, self.accelerator.device))
                     state.epoch_samples_seen += self.sampler.samples_per_micro_step
@@ -161,15 +162,21 @@ class Trainer:
                         continue  # inside a gradient accumulation window
                     state.global_step += 1
                     state.step_in_epoch += 1
+                    # Rolled over before anything is saved at this step: a checkpoint of the epoch's last step
+                    # says "epoch done" (the next one at its start), so a finished run's last checkpoint says so.
+                    epoch_done = self._epoch_ends_at_this_step()
+                    if epoch_done:
+                        self._roll_over_epoch()
                     progress.update(1)
                     self._after_optimizer_step(progress)
+                    if epoch_done:
+                        self._save_at_epoch_end()
                     if self._finished():
                         break
-                else:  # the epoch ran to its end
-                    state.epoch, state.step_in_epoch, state.epoch_samples_seen = state.epoch + 1, 0, 0
-                    every = self.config.checkpoint.save_every_epochs
-                    if every and state.epoch % every == 0:
-                        self._save()
+                else:  # the loader ran dry before the sampler said the epoch was over (data of unknown length)
+                    if state.epoch == epoch:
+                        self._roll_over_epoch()
+                        self._save_at_epoch_end()
             progress.close()
             return self._finish()
 
@@ -226,6 +233,20 @@ class Trainer:
                 signum, _ = self.interrupts.agree(self.accelerator.device)
         if signum:
             self._stop_on_signal(signum)
+
+    def _epoch_ends_at_this_step(self) -> bool:
+        """Whether this optimizer step consumed the last batch of the epoch (known up front for map-style data)."""
+        remaining = getattr(self.sampler, "micro_steps_from", None)
+        return remaining is not None and remaining(self.state.epoch_samples_seen) == 0
+
+    def _roll_over_epoch(self) -> None:
+        state = self.state
+        state.epoch, state.step_in_epoch, state.epoch_samples_seen = state.epoch + 1, 0, 0
+
+    def _save_at_epoch_end(self) -> None:
+        every = self.config.checkpoint.save_every_epochs
+        if every and self.state.epoch % every == 0:
+            self._save()
 
     def _finished(self) -> bool:
         cfg, state = self.config.train, self.state
@@ -352,6 +373,7 @@ class Trainer:
         return {**asdict(self.state), "task": self.task.name, "shape": self.task.shape,
                 "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
                 "mixed_precision": self.config.train.mixed_precision,
+                "lr_plan": self._lr_plan().to_dict(), "grad_accum": self.config.train.grad_accum,
                 "device": self.accelerator.device.type, "async": self.checkpoints.async_save,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -378,6 +400,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         self._lock.acquire()
+        self.checkpoints.restore_replaced()  # before resolving: an interrupted re-save must not hide a checkpoint
         resolution = resolve_resume(cfg.resume, ckpt_dir, cfg.verify_checksums)
         for skipped in resolution.skipped:
             logger.warning(f"skipping damaged checkpoint {skipped}")
@@ -412,11 +435,43 @@ class Trainer:
             logger.warning(f"world size changed from {loaded.get('world_size')} to {self.accelerator.num_processes}: "
                            f"continuing at sample {self.state.epoch_samples_seen} of epoch {self.state.epoch}; "
                            f"the run is correct but not bit-identical to an uninterrupted one")
+        self._continue_schedule(loaded)
+        self._continue_accumulation(loaded)
         dropped = self.metrics.rewind(self.state.global_step)
         self.metrics.event("resume", self.state.global_step, world_size=self.accelerator.num_processes,
                            checkpoint=str(path), from_world_size=loaded.get("world_size"), dropped_records=dropped)
         logger.info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch}, "
                     f"sample {self.state.epoch_samples_seen} of the epoch)")
+
+    def _lr_plan(self) -> LRPlan:
+        cfg = self.config.train
+        return LRPlan(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+
+    def _continue_schedule(self, loaded: dict[str, Any]) -> None:
+        """A resume with another plan (e.g. a new --max-steps) continues on the new plan from this step."""
+        saved, plan, step = LRPlan.from_dict(loaded.get("lr_plan")), self._lr_plan(), self.state.global_step
+        if saved is None or saved == plan:
+            return  # the same plan: the loaded scheduler and optimizer state continue it exactly
+        scheduler = self.scheduler.scheduler
+        logger.warning(plan_change(saved, plan, step, scheduler.base_lrs[0]))
+        # The loaded optimizer holds the old plan's lr for the next step; set the new plan's, as LambdaLR would.
+        factor = plan.factor()(step)
+        for group, base_lr in zip(self.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * factor
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # noqa: SLF001
+
+    def _continue_accumulation(self, loaded: dict[str, Any]) -> None:
+        """Accelerate syncs gradients when its restored micro-step counter is a multiple of grad_accum; a
+        checkpoint is always at an optimizer-step boundary, so a new grad_accum restarts the count at 0."""
+        saved = loaded.get("grad_accum") or ((loaded.get("config") or {}).get("train") or {}).get("grad_accum")
+        now = self.config.train.grad_accum
+        if saved is None or int(saved) == now:
+            return
+        self.accelerator.step = 0
+        per_step = self.sampler.samples_per_micro_step
+        logger.warning(f"grad_accum changed from {saved} to {now}: each optimizer step now takes {now} micro-batches "
+                       f"({int(saved) * per_step} -> {now * per_step} samples per step); the run continues at sample "
+                       f"{self.state.epoch_samples_seen} of epoch {self.state.epoch}")
 
     def _init_trackers(self) -> None:
         if self.config.eval.log_with == "none":
