@@ -9,6 +9,7 @@ consumes is put back, so a resumed run draws exactly the numbers an uninterrupte
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import send_to_device
+from accelerate.utils import DistributedType, send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -117,10 +118,7 @@ class Trainer:
         self.train_loader = make_loader(self.task.train_data, self.sampler, self.task.collate_fn,
                                         cfg.num_workers, cfg.seed, pin_memory=acc.device.type == "cuda")
         self.eval_loader = None
-        if self.task.eval_data is not None and len(self.task.eval_data) < acc.num_processes:
-            logger.warning(f"evaluation is off: {len(self.task.eval_data)} eval samples cannot give each of "
-                           f"{acc.num_processes} ranks one")  # a rank without batches would miss the reduce
-        elif self.task.eval_data is not None:
+        if self.task.eval_data is not None and len(self.task.eval_data):
             eval_sampler = ShardedEvalSampler(len(self.task.eval_data), cfg.batch_size, acc.process_index,
                                               acc.num_processes, self.config.eval.eval_max_batches)
             self.eval_loader = make_loader(self.task.eval_data, eval_sampler, self.task.collate_fn, 0, cfg.seed)
@@ -289,11 +287,18 @@ class Trainer:
         """Runs the task's evaluation (and sample) without touching the training RNG streams."""
         if self.eval_loader is None:
             return {}
-        model = self.accelerator.unwrap_model(self.model)  # no DDP collectives: ranks may have unequal batches
+        model, device = self._eval_model(), self.accelerator.device
+        # Every rank runs the same number of batches (ShardedEvalSampler pads the shorter shards); the padding
+        # batches come last and only keep the forward passes in step: their results are dropped.
+        real = getattr(self.eval_loader.batch_sampler, "real_batches", None)
         with preserved_rng():
             model.eval()
             with torch.no_grad(), self.accelerator.autocast():
-                sums = evaluation_sums(self.task, model, self.eval_loader, self.accelerator.device)
+                batches = iter(self.eval_loader)
+                sums = evaluation_sums(self.task, model, itertools.islice(batches, real), device)
+                for batch in batches:
+                    for key in self.task.evaluate(model, send_to_device(batch, device)):
+                        sums.setdefault(key, torch.zeros((), dtype=torch.float64))  # a rank with no real batch
                 sample = self._write_sample(model)
             model.train()
         keys = sorted(sums)
@@ -306,12 +311,25 @@ class Trainer:
             logger.info(f"sample at step {self.state.global_step}:\n{sample}")
         return metrics
 
+    def _eval_model(self):
+        """The model evaluation and sampling run on every rank. Where parameters are sharded (FSDP, DeepSpeed)
+        it is the prepared one, whose forward pass is a collective; elsewhere the plain module: DDP's wrapper adds
+        nothing to a forward without gradients, and would hide methods such as `generate`."""
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                                 DistributedType.MEGATRON_LM):
+            return self.model
+        return self.accelerator.unwrap_model(self.model)
+
     def _write_sample(self, model) -> str | None:
-        if self.task.sample is None or not self.is_main:
+        """Every rank generates the same sample (under sharding each forward pass is a collective); the main
+        process writes it."""
+        if self.task.sample is None:
             return None
         device = self.accelerator.device
         generator = torch.Generator(device=device).manual_seed(self.config.train.seed + self.state.global_step)
         text = self.task.sample(model, generator)
+        if not self.is_main:
+            return None
         samples = self.output_dir / "samples"
         samples.mkdir(parents=True, exist_ok=True)
         (samples / f"step_{self.state.global_step:09d}.txt").write_text(text)
