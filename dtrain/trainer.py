@@ -234,7 +234,7 @@ class Trainer:
 
     def _epoch_ends_at_this_step(self) -> bool:
         """Whether this optimizer step consumed the last batch of the epoch (known up front for map-style data)."""
-        remaining = getattr(self.sampler, "micro_steps_from", None)
+        remaining = getattr(getattr(self, "sampler", None), "micro_steps_from", None)
         return remaining is not None and remaining(self.state.epoch_samples_seen) == 0
 
     def _roll_over_epoch(self) -> None:
@@ -486,10 +486,9 @@ class Trainer:
         if saved is None or int(saved) == now:
             return
         self.accelerator.step = 0
-        per_step = self.sampler.samples_per_micro_step
         logger.warning(f"grad_accum changed from {saved} to {now}: each optimizer step now takes {now} micro-batches "
-                       f"({int(saved) * per_step} -> {now * per_step} samples per step); the run continues at sample "
-                       f"{self.state.epoch_samples_seen} of epoch {self.state.epoch}")
+                       f"per rank instead of {saved}; the run continues at sample {self.state.epoch_samples_seen} of "
+                       f"epoch {self.state.epoch}")
 
     def _init_trackers(self) -> None:
         if self.config.eval.log_with == "none":

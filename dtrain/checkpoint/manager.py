@@ -97,8 +97,10 @@ class CheckpointManager:
 
     def clean_stale(self) -> None:
         """Removes temp and trash directories (and half-written pointer files, `.latest.tmp-PID`) that a crash
-        left behind (rank 0), then waits for it."""
+        left behind (rank 0), then waits for it. A checkpoint an interrupted re-save had moved aside is put
+        back first (see `restore_replaced`)."""
         if self.is_main and self.dir.is_dir():
+            self._restore_replaced_here()
             for path in self.dir.iterdir():
                 if path.name.startswith((".tmp-", ".trash-")) and path.is_dir():
                     remove_tree(path)
@@ -110,14 +112,17 @@ class CheckpointManager:
         """Puts back, as it was, a checkpoint that a crash caught while a new save of its step was replacing it
         (moved aside, the new one not yet renamed in): that save never committed (rank 0; then waits)."""
         if self.is_main and self.dir.is_dir():
-            for aside in self.dir.glob(f".trash-step_*{REPLACED_SUFFIX}"):
-                final = self.dir / aside.name[len(".trash-"):-len(REPLACED_SUFFIX)]
-                if parse_step(final.name) is not None and not final.exists() and aside.is_dir():
-                    os.rename(aside, final)
-                    fsync_path(self.dir)
-                    logger.warning(f"a save of {final.name} was interrupted while replacing the previous "
-                                   f"{final.name}: that one is back, as it was")
+            self._restore_replaced_here()
         barrier()
+
+    def _restore_replaced_here(self) -> None:
+        for aside in self.dir.glob(f".trash-step_*{REPLACED_SUFFIX}"):
+            final = self.dir / aside.name[len(".trash-"):-len(REPLACED_SUFFIX)]
+            if parse_step(final.name) is not None and not final.exists() and aside.is_dir():
+                os.rename(aside, final)
+                fsync_path(self.dir)
+                logger.warning(f"a save of {final.name} was interrupted while replacing the previous "
+                               f"{final.name}: that one is back, as it was")
 
     def discard_all(self) -> int:
         """For `--overwrite`: moves every checkpoint and pointer out of the way (rank 0). Returns how many."""
