@@ -131,6 +131,7 @@ def describe_checkpoint(path: Path, checksums: bool = False) -> dict[str, Any]:
         "best": read_pointer(checkpoints_dir, BEST) == path.name,
         "step": step, "epoch": state.get("epoch"), "step_in_epoch": state.get("step_in_epoch"),
         "samples_seen": state.get("samples_seen"), "checkpoint_metric": state.get("checkpoint_metric"),
+        "parent": state.get("parent"), "run_id": state.get("run_id"),
         "metrics": metrics, "task": state.get("task"),
         "written_by": {"world_size": state.get("world_size"), "device": state.get("device"),
                        "mixed_precision": state.get("mixed_precision"),
@@ -153,6 +154,9 @@ def ckpt_show(args) -> None:
     print(f"status      {status}")
     print(f"progress    step {info['step']}, epoch {info['epoch']} (step {info['step_in_epoch']} of the epoch), "
           f"{info['samples_seen']} samples seen; task {info['task']}")
+    if info["run_id"] is not None:  # recorded since dtrain follows lineages
+        print(f"lineage     run {info['run_id']}, " + (f"resumed from {info['parent']}" if info["parent"]
+                                                        else "a fresh start"))
     metric = info["checkpoint_metric"] or {}
     if metric.get("value") is not None:
         print(f"monitored   {metric.get('name')} = {metric['value']:.6g}")
