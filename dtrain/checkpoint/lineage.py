@@ -16,7 +16,7 @@ every such checkpoint up to the newest one in question).
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from dtrain.checkpoint.retention import CheckpointRecord
 
@@ -29,15 +29,6 @@ def lineage_of(records: Sequence[CheckpointRecord], head_step: int) -> list[Chec
     segments = [(head.run_id, head.step), *head.ancestry]
     return sorted((r for r in records if any(r.run_id == run and r.step <= until for run, until in segments)),
                   key=lambda r: r.step)
-
-
-def other_lineages(records: Iterable[CheckpointRecord], head_step: int | None) -> list[int]:
-    """Steps of the records that are not on the lineage of `head_step`, oldest first."""
-    records = list(records)
-    if head_step is None:
-        return []
-    on = {r.step for r in lineage_of(records, head_step)}
-    return sorted(r.step for r in records if r.step not in on)
 
 
 def child_ancestry(parent: CheckpointRecord) -> tuple[tuple[str | None, int], ...]:

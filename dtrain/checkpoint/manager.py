@@ -39,10 +39,10 @@ from dtrain.utils import fsync_path, remove_tree
 
 logger = get_logger(__name__)
 
-# Points of the protocol after which tests inject faults (see `_reached`).
 # A checkpoint being replaced by a new save of its step waits under `.trash-step_N` + this until the new one is in.
 REPLACED_SUFFIX = "-replaced"
 
+# Points of the protocol after which tests inject faults (see `_reached`).
 STAGES = ("temp_created", "state_written", "manifest_written", "renamed", "pointers_written", "retention_done")
 # Reached only by a save of a step whose directory exists: between moving the old one aside and renaming in the new.
 RESAVE_STAGES = ("old_moved_aside",)
