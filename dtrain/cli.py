@@ -82,7 +82,8 @@ def _add_ckpt(commands) -> None:
     show.add_argument("--which", choices=("latest", "best"), help="for an output dir (default: latest)")
     show.add_argument("--json", action="store_true")
     show.add_argument("--checksums", action="store_true", help="verify sha256 of every file, not only sizes")
-    prune = sub.add_parser("prune", help="delete checkpoints with the training retention policy")
+    prune = sub.add_parser("prune", help="delete checkpoints with the training retention policy, and those of "
+                                         "other lineages (saved after the checkpoint a later run resumed from)")
     prune.add_argument("output_dir")
     prune.add_argument("--keep-last", type=_positive, metavar="N", help="keep the newest N")
     prune.add_argument("--keep-best", type=_positive, metavar="K", help="keep the best K by --monitor")

@@ -113,7 +113,9 @@ class EvalConfig:
 class CheckpointConfig:
     save_every_steps: int = field(default=0, **_opt("save every N optimizer steps; 0 = off"))
     save_every_epochs: int = field(default=0, **_opt("save every N epochs; 0 = off"))
-    save_every_seconds: float = field(default=0.0, **_opt("save when N seconds passed since the last save; 0 = off"))
+    # On by default: without it a crash, kill -9 or power loss loses the whole run (the end is always saved).
+    save_every_seconds: float = field(default=600.0, **_opt("save when N seconds passed since the last save, so a "
+                                                            "crash loses at most that much; 0 = off"))
     keep_last: int = field(default=3, **_opt("keep the newest N checkpoints; 0 = rule off"))
     keep_best: int = field(default=0, **_opt("keep the best K checkpoints by --monitor; 0 = rule off"))
     keep_every_steps: int = field(default=0, **_opt("never prune checkpoints whose step is a multiple of N"))

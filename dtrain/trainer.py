@@ -9,6 +9,7 @@ consumes is put back, so a resumed run draws exactly the numbers an uninterrupte
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import send_to_device
+from accelerate.utils import DistributedType, send_to_device
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -35,7 +36,7 @@ from dtrain.lock import RunLock
 from dtrain.metrics import MetricsLog
 from dtrain.rng import preserved_rng
 from dtrain.runtime import make_accelerator
-from dtrain.schedule import warmup_cosine
+from dtrain.schedule import LRPlan, plan_change, warmup_cosine
 from dtrain.shared_dir import check_every_node_sees
 from dtrain.tasks import Task
 from dtrain.tasks.base import evaluation_sums, metrics_from_sums
@@ -120,10 +121,7 @@ class Trainer:
         self.train_loader = make_loader(self.task.train_data, self.sampler, self.task.collate_fn,
                                         cfg.num_workers, cfg.seed, pin_memory=acc.device.type == "cuda")
         self.eval_loader = None
-        if self.task.eval_data is not None and len(self.task.eval_data) < acc.num_processes:
-            logger.warning(f"evaluation is off: {len(self.task.eval_data)} eval samples cannot give each of "
-                           f"{acc.num_processes} ranks one")  # a rank without batches would miss the reduce
-        elif self.task.eval_data is not None:
+        if self.task.eval_data is not None and len(self.task.eval_data):
             eval_sampler = ShardedEvalSampler(len(self.task.eval_data), cfg.batch_size, acc.process_index,
                                               acc.num_processes, self.config.eval.eval_max_batches)
             self.eval_loader = make_loader(self.task.eval_data, eval_sampler, self.task.collate_fn, 0, cfg.seed)
@@ -156,6 +154,7 @@ class Trainer:
             state = self.state
             while not self._finished():
                 self.sampler.set_epoch(state.epoch, state.epoch_samples_seen)
+                epoch = state.epoch
                 for batch in self.train_loader:
                     self._micro_step(send_to_device(batch, self.accelerator.device))
                     state.epoch_samples_seen += self.sampler.samples_per_micro_step
@@ -164,15 +163,21 @@ class Trainer:
                         continue  # inside a gradient accumulation window
                     state.global_step += 1
                     state.step_in_epoch += 1
+                    # Rolled over before anything is saved at this step: a checkpoint of the epoch's last step
+                    # says "epoch done" (the next one at its start), so a finished run's last checkpoint says so.
+                    epoch_done = self._epoch_ends_at_this_step()
+                    if epoch_done:
+                        self._roll_over_epoch()
                     progress.update(1)
                     self._after_optimizer_step(progress)
+                    if epoch_done:
+                        self._save_at_epoch_end()
                     if self._finished():
                         break
-                else:  # the epoch ran to its end
-                    state.epoch, state.step_in_epoch, state.epoch_samples_seen = state.epoch + 1, 0, 0
-                    every = self.config.checkpoint.save_every_epochs
-                    if every and state.epoch % every == 0:
-                        self._save()
+                else:  # the loader ran dry before the sampler said the epoch was over (data of unknown length)
+                    if state.epoch == epoch:
+                        self._roll_over_epoch()
+                        self._save_at_epoch_end()
             progress.close()
             return self._finish()
 
@@ -230,6 +235,20 @@ class Trainer:
         if signum:
             self._stop_on_signal(signum)
 
+    def _epoch_ends_at_this_step(self) -> bool:
+        """Whether this optimizer step consumed the last batch of the epoch (known up front for map-style data)."""
+        remaining = getattr(getattr(self, "sampler", None), "micro_steps_from", None)
+        return remaining is not None and remaining(self.state.epoch_samples_seen) == 0
+
+    def _roll_over_epoch(self) -> None:
+        state = self.state
+        state.epoch, state.step_in_epoch, state.epoch_samples_seen = state.epoch + 1, 0, 0
+
+    def _save_at_epoch_end(self) -> None:
+        every = self.config.checkpoint.save_every_epochs
+        if every and self.state.epoch % every == 0:
+            self._save()
+
     def _finished(self) -> bool:
         cfg, state = self.config.train, self.state
         return (state.stopped_early or (cfg.max_steps and state.global_step >= cfg.max_steps)
@@ -271,11 +290,18 @@ class Trainer:
         """Runs the task's evaluation (and sample) without touching the training RNG streams."""
         if self.eval_loader is None:
             return {}
-        model = self.accelerator.unwrap_model(self.model)  # no DDP collectives: ranks may have unequal batches
+        model, device = self._eval_model(), self.accelerator.device
+        # Every rank runs the same number of batches (ShardedEvalSampler pads the shorter shards); the padding
+        # batches come last and only keep the forward passes in step: their results are dropped.
+        real = getattr(self.eval_loader.batch_sampler, "real_batches", None)
         with preserved_rng():
             model.eval()
             with torch.no_grad(), self.accelerator.autocast():
-                sums = evaluation_sums(self.task, model, self.eval_loader, self.accelerator.device)
+                batches = iter(self.eval_loader)
+                sums = evaluation_sums(self.task, model, itertools.islice(batches, real), device)
+                for batch in batches:
+                    for key in self.task.evaluate(model, send_to_device(batch, device)):
+                        sums.setdefault(key, torch.zeros((), dtype=torch.float64))  # a rank with no real batch
                 sample = self._write_sample(model)
             model.train()
         keys = sorted(sums)
@@ -288,12 +314,25 @@ class Trainer:
             logger.info(f"sample at step {self.state.global_step}:\n{sample}")
         return metrics
 
+    def _eval_model(self):
+        """The model evaluation and sampling run on every rank. Where parameters are sharded (FSDP, DeepSpeed)
+        it is the prepared one, whose forward pass is a collective; elsewhere the plain module: DDP's wrapper adds
+        nothing to a forward without gradients, and would hide methods such as `generate`."""
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                                 DistributedType.MEGATRON_LM):
+            return self.model
+        return self.accelerator.unwrap_model(self.model)
+
     def _write_sample(self, model) -> str | None:
-        if self.task.sample is None or not self.is_main:
+        """Every rank generates the same sample (under sharding each forward pass is a collective); the main
+        process writes it."""
+        if self.task.sample is None:
             return None
         device = self.accelerator.device
         generator = torch.Generator(device=device).manual_seed(self.config.train.seed + self.state.global_step)
         text = self.task.sample(model, generator)
+        if not self.is_main:
+            return None
         samples = self.output_dir / "samples"
         samples.mkdir(parents=True, exist_ok=True)
         (samples / f"step_{self.state.global_step:09d}.txt").write_text(text)
@@ -357,6 +396,7 @@ class Trainer:
                 "resume_certificate": certificate.gather_certificate(entry, self.accelerator.num_processes),
                 "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
                 "mixed_precision": self.accelerator.mixed_precision,
+                "lr_plan": self._lr_plan().to_dict(), "grad_accum": self.config.train.grad_accum,
                 "device": self.accelerator.device.type, "async": self.checkpoints.async_save,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -417,6 +457,7 @@ class Trainer:
             raise UsageError(f"cannot create the output directory {self.output_dir}{reason}")
         check_every_node_sees(self.output_dir, self.accelerator)
         self._lock.acquire()
+        self.checkpoints.restore_replaced()  # before resolving: an interrupted re-save must not hide a checkpoint
         resolution = resolve_resume(cfg.resume, ckpt_dir, cfg.verify_checksums)
         for skipped in resolution.skipped:
             logger.warning(f"skipping damaged checkpoint {skipped}")
@@ -451,12 +492,43 @@ class Trainer:
             logger.warning(f"world size changed from {loaded.get('world_size')} to {self.accelerator.num_processes}: "
                            f"continuing at sample {self.state.epoch_samples_seen} of epoch {self.state.epoch}; "
                            f"the run is correct but not bit-identical to an uninterrupted one")
+        self._continue_schedule(loaded)
+        self._continue_accumulation(loaded)
         self._check_resume_certificate(saved.get("resume_certificate"), path)  # before anything is rewritten
         dropped = self.metrics.rewind(self.state.global_step)
         self.metrics.event("resume", self.state.global_step, world_size=self.accelerator.num_processes,
                            checkpoint=str(path), from_world_size=loaded.get("world_size"), dropped_records=dropped)
         logger.info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch}, "
                     f"sample {self.state.epoch_samples_seen} of the epoch)")
+
+    def _lr_plan(self) -> LRPlan:
+        cfg = self.config.train
+        return LRPlan(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+
+    def _continue_schedule(self, loaded: dict[str, Any]) -> None:
+        """A resume with another plan (e.g. a new --max-steps) continues on the new plan from this step."""
+        saved, plan, step = LRPlan.from_dict(loaded.get("lr_plan")), self._lr_plan(), self.state.global_step
+        if saved is None or saved == plan:
+            return  # the same plan: the loaded scheduler and optimizer state continue it exactly
+        scheduler = self.scheduler.scheduler
+        logger.warning(plan_change(saved, plan, step, scheduler.base_lrs[0]))
+        # The loaded optimizer holds the old plan's lr for the next step; set the new plan's, as LambdaLR would.
+        factor = plan.factor()(step)
+        for group, base_lr in zip(self.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * factor
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # noqa: SLF001
+
+    def _continue_accumulation(self, loaded: dict[str, Any]) -> None:
+        """Accelerate syncs gradients when its restored micro-step counter is a multiple of grad_accum; a
+        checkpoint is always at an optimizer-step boundary, so a new grad_accum restarts the count at 0."""
+        saved = loaded.get("grad_accum") or ((loaded.get("config") or {}).get("train") or {}).get("grad_accum")
+        now = self.config.train.grad_accum
+        if saved is None or int(saved) == now:
+            return
+        self.accelerator.step = 0
+        logger.warning(f"grad_accum changed from {saved} to {now}: each optimizer step now takes {now} micro-batches "
+                       f"per rank instead of {saved}; the run continues at sample {self.state.epoch_samples_seen} of "
+                       f"epoch {self.state.epoch}")
 
     def _init_trackers(self) -> None:
         if self.config.eval.log_with == "none":

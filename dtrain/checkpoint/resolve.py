@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dtrain.checkpoint.layout import BEST, LATEST, parse_step, read_pointer, step_dirs, verify_checkpoint
+from dtrain.checkpoint.layout import (BEST, LATEST, checkpoint_records, lineage_head, parse_step, read_pointer,
+                                     step_dirs, verify_checkpoint)
+from dtrain.checkpoint.lineage import lineage_of
 from dtrain.errors import UsageError
 
 
@@ -35,12 +37,19 @@ def resolve_resume(spec: str, checkpoints_dir: Path, checksums: bool = False) ->
 
 
 def find_latest(checkpoints_dir: Path, checksums: bool = False) -> Resolution:
-    """The `latest` pointer's checkpoint, or the next older complete one if it is damaged."""
-    candidates = list(reversed(step_dirs(checkpoints_dir)))
+    """The `latest` pointer's checkpoint, or, if it is damaged, the next older complete one of its lineage.
+
+    Checkpoints of other lineages (saved after the checkpoint a later run resumed from) are never chosen.
+    Those whose trainer state cannot be read are tried in their place and reported as skipped."""
+    records = checkpoint_records(checkpoints_dir)
+    head = lineage_head(checkpoints_dir, records)
+    on_lineage = {r.step for r in lineage_of(records, head)} if head is not None else set()
+    readable = {r.step for r in records}
     pointed = read_pointer(checkpoints_dir, LATEST)
-    if pointed is not None:
-        # Checkpoints newer than the pointer belong to an abandoned timeline (a resume from an older one).
-        candidates = [p for p in candidates if parse_step(p.name) <= parse_step(pointed)]
+    limit = parse_step(pointed) if pointed is not None else None
+    candidates = [p for p in reversed(step_dirs(checkpoints_dir))
+                  if parse_step(p.name) in on_lineage
+                  or (parse_step(p.name) not in readable and (limit is None or parse_step(p.name) <= limit))]
     skipped = []
     for path in candidates:
         check = verify_checkpoint(path, checksums)
