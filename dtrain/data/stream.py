@@ -205,7 +205,7 @@ class StatefulSource(TrainSource):
                 loader.load_state_dict(self.loader_state)
             return loader, iter(loader)
 
-    def _fetch(self, loader, iterator) -> tuple[bool, Any, Any]:
+    def _fetch(self, loader, iterator, keep_state: bool = True) -> tuple[bool, Any, Any]:
         """The next micro-batch (and the loader state after it), agreed across ranks: all have one, or none."""
         batch = next(iterator, _END)
         has_batch = batch is not _END
@@ -215,7 +215,7 @@ class StatefulSource(TrainSource):
             has_batch = bool(flag.item())
         if not has_batch:
             return False, None, None
-        return True, batch, loader.state_dict() if self.resume == "state" else None
+        return True, batch, loader.state_dict() if keep_state and self.resume == "state" else None
 
     def _replay(self, loader, iterator) -> None:
         skip, self.to_skip = self.to_skip, 0
@@ -225,7 +225,7 @@ class StatefulSource(TrainSource):
                            f"{self.epoch}, because {self.replay_reason or 'the world size changed'}. This takes "
                            f"about as long as reading them did; a dataset with an exact state_dict() resumes at once")
         for _ in tqdm(range(skip), desc="replaying the stream", disable=not self.is_main or skip < LONG_REPLAY_BATCHES):
-            ok, _, _ = self._fetch(loader, iterator)
+            ok, _, _ = self._fetch(loader, iterator, keep_state=False)
             if not ok:
                 logger.warning(f"the stream ended during the replay, before the {skip} micro-batches consumed "
                                f"before the checkpoint: has the data changed?")
