@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import send_to_device
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from dtrain import resume as resume_checks
@@ -27,6 +27,7 @@ from dtrain.checkpoint import CheckpointManager, RetentionPolicy, resolve_resume
 from dtrain.checkpoint.layout import step_dirs
 from dtrain.config import Config, write_config
 from dtrain.data import ShardedEvalSampler, build_train_source, make_loader
+from dtrain.data.stream import EvalStream
 from dtrain.distributed import barrier
 from dtrain.errors import CheckpointError, Interrupted, UsageError
 from dtrain.interrupt import InterruptHandler
@@ -113,12 +114,16 @@ class Trainer:
         cfg, acc = self.config.train, self.accelerator
         self.train_data = build_train_source(self.task, self.config, acc)  # the order, its position, its loader
         self.eval_loader = None
-        if self.task.eval_data is not None and len(self.task.eval_data) < acc.num_processes:
+        eval_batch_size = self.task.eval_batch_size or cfg.batch_size
+        if isinstance(self.task.eval_data, IterableDataset):
+            self.eval_loader = EvalStream(self.task.eval_data, eval_batch_size, self.task.collate_fn,
+                                          self.config.eval.eval_max_batches)
+        elif self.task.eval_data is not None and len(self.task.eval_data) < acc.num_processes:
             logger.warning(f"evaluation is off: {len(self.task.eval_data)} eval samples cannot give each of "
                            f"{acc.num_processes} ranks one")  # a rank without batches would miss the reduce
         elif self.task.eval_data is not None:
-            eval_sampler = ShardedEvalSampler(len(self.task.eval_data), self.task.eval_batch_size or cfg.batch_size,
-                                              acc.process_index, acc.num_processes, self.config.eval.eval_max_batches)
+            eval_sampler = ShardedEvalSampler(len(self.task.eval_data), eval_batch_size, acc.process_index,
+                                              acc.num_processes, self.config.eval.eval_max_batches)
             self.eval_loader = make_loader(self.task.eval_data, eval_sampler, self.task.collate_fn, 0, cfg.seed)
         if self.config.checkpoint.init_from:
             resume_checks.load_initial_weights(self.task.model, self.config.checkpoint.init_from)

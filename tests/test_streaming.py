@@ -59,7 +59,10 @@ def test_stream_resumed_mid_epoch_ends_bit_identical_to_a_straight_run(runner, t
     assert ("by replay" in result.stdout) == (resume == "replay"), result.stdout[-3000:]
     last = "step_000000080"
     assert same_tensors(load_weights(straight / "checkpoints" / last), load_weights(resumed / "checkpoints" / last))
-    assert trainer_state(straight / "checkpoints" / last)["epoch"] == trainer_state(resumed / "checkpoints" / last)["epoch"] == 2
+    ends = trainer_state(straight / "checkpoints" / last), trainer_state(resumed / "checkpoints" / last)
+    assert ends[0]["epoch"] == ends[1]["epoch"] == 2
+    if name == "hf_stream":  # evaluated on a stream too
+        assert ends[0]["last_eval"]["val_loss"] == ends[1]["last_eval"]["val_loss"] > 0
 
 
 def test_stream_without_max_steps_is_a_usage_error(runner, tmp_path):
@@ -80,7 +83,7 @@ def test_two_ranks_read_disjoint_parts_and_a_world_size_change_is_refused_unless
     args = [*task(name), *STREAM, "--max-steps", "16", "--save-every-steps", "10"]
     result = runner.run(train_cmd(*args, "--output-dir", str(out), processes=2), DTRAIN_TEST_SEEN_DIR=str(seen))
     assert result.returncode == 0, result.stdout[-3000:]
-    by_rank = seen_ids(seen)
+    by_rank = {rank: [i for i in ids if i >= 0] for rank, ids in seen_ids(seen).items()}  # < 0: eval samples
     assert sorted(by_rank) == [0, 1]
     assert not set(by_rank[0]) & set(by_rank[1]), "ranks read overlapping samples"
     assert len(by_rank[0]) == len(set(by_rank[0])) == 16 * 16

@@ -252,3 +252,22 @@ class StatefulSource(TrainSource):
 
 
 _END = object()
+
+
+class EvalStream:
+    """Evaluation batches of a stream: re-read from its start at every evaluation, up to `max_batches`.
+
+    Every rank reads the whole eval stream (not a part of it): evaluation metrics are per-sample averages
+    (sums over all ranks divided by their count), so the result is the same, and no rank can run out of
+    batches while another still evaluates. A map-style eval set is split across ranks instead.
+    """
+
+    def __init__(self, dataset, batch_size: int, collate_fn=None, max_batches: int = 0):
+        self.dataset, self.batch_size, self.collate_fn, self.max_batches = dataset, batch_size, collate_fn, max_batches
+
+    def __iter__(self):
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, collate_fn=self.collate_fn,
+                            generator=torch.Generator().manual_seed(0))
+        return itertools.islice(iter(loader), self.max_batches or None)

@@ -40,9 +40,10 @@ def collate_records(samples) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([torch.as_tensor(s["x"]) for s in samples]), torch.stack([torch.as_tensor(s["y"]) for s in samples])
 
 
-def _task(name: str, train_data, config) -> Task:
+def _task(name: str, train_data, config, eval_data=None) -> Task:
     return Task(name=name, model=regression.make_mlp(config), train_data=train_data, loss=regression.mse_loss,
-                collate_fn=collate_records, shape={"n_layer": config.n_layer, "n_embd": config.n_embd})
+                collate_fn=collate_records, eval_data=eval_data,
+                shape={"n_layer": config.n_layer, "n_embd": config.n_embd})
 
 
 def _hf_dataset(seed: int):
@@ -53,8 +54,11 @@ def _hf_dataset(seed: int):
 
 
 def hf_stream(config, seed):
-    """A Hugging Face IterableDataset of 4 shards (exact state: resumed from its state_dict)."""
-    return _task("hf_stream", _hf_dataset(seed).to_iterable_dataset(num_shards=4).with_format("torch"), config)
+    """A Hugging Face IterableDataset of 4 shards (exact state: resumed from its state_dict), evaluated on
+    another stream (whose ids are recorded as negative numbers)."""
+    evaluation = _hf_dataset(seed + 1).select(range(40)).map(lambda row: {"id": -1 - row["id"]})
+    return _task("hf_stream", _hf_dataset(seed).to_iterable_dataset(num_shards=4).with_format("torch"), config,
+                 eval_data=evaluation.to_iterable_dataset(num_shards=2).with_format("torch"))
 
 
 def hf_stream_shuffled(config, seed):
