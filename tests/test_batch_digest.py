@@ -63,3 +63,26 @@ def test_stream_digest_follows_the_stream_state_and_survives_a_resume():
     resumed.seek(0, 12, position)
     assert resumed.next_batch_digest() == saved_digest
     assert next(iter(resumed))["x"].tolist() == expected_next
+
+
+def test_stream_digest_reads_the_same_after_a_resume_by_replay():
+    from accelerate import PartialState
+
+    from tests.helpers.stream_tasks import PlainStream
+
+    PartialState()  # the replay warning goes through Accelerate's logger
+    source = StatefulSource(PlainStream(seed=1), batch_size=4, rank=0, world_size=1, seed=3, grad_accum=1,
+                            collate_fn=lambda samples: [s["id"] for s in samples])
+    assert source.resume == "replay"
+    source.seek(0)
+    iterator = iter(source)
+    next(iterator), next(iterator)
+    saved_digest, position = source.next_batch_digest(), source.checkpoint_position()
+    expected_next = next(iterator)
+
+    resumed = StatefulSource(PlainStream(seed=1), batch_size=4, rank=0, world_size=1, seed=3, grad_accum=1,
+                             collate_fn=lambda samples: [s["id"] for s in samples])
+    resumed.seek(0, 8, position)
+    assert resumed.next_batch_digest() == saved_digest
+    assert next(iter(resumed)) == expected_next
+    assert resumed.next_batch_digest() != saved_digest

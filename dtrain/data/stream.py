@@ -159,7 +159,9 @@ class StatefulSource(TrainSource):
             self.to_skip = mine["micro_batches"]
 
     def _position(self) -> dict:
-        return {"micro_batches": self.micro_batches, "state": self.loader_state if self.resume == "state" else None}
+        # Micro-batches still to be replayed count as consumed: a position reads the same before and after a resume.
+        return {"micro_batches": self.micro_batches + self.to_skip,
+                "state": self.loader_state if self.resume == "state" else None}
 
     def checkpoint_position(self) -> dict:
         mine = self._position()
@@ -178,7 +180,7 @@ class StatefulSource(TrainSource):
                 "replay_reason": self.replay_reason, "ranks": ranks}
 
     def next_batch_digest(self) -> str:
-        return digest({"kind": self.kind, "epoch": self.epoch, **self._position(), "skip": self.to_skip})
+        return digest({"kind": self.kind, "epoch": self.epoch, **self._position()})
 
     def describe(self) -> str:
         how = ("resumable from its state" if self.resume == "state"
