@@ -44,7 +44,7 @@ def resume_from_a_copy(runner, straight: Path, step: int, out: Path, *args: str)
 
 
 @pytest.mark.parametrize("name, resume", [("hf_stream", "state"), ("hf_stream_shuffled", "replay"),
-                                          ("torch_stream", "replay")])
+                                          ("torch_stream", "replay"), ("stateful_stream", "state")])
 def test_stream_resumed_mid_epoch_ends_bit_identical_to_a_straight_run(runner, tmp_path, name, resume):
     straight = tmp_path / "straight"
     result = runner.run(train_cmd(*task(name), *STREAM, "--output-dir", str(straight)))

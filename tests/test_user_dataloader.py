@@ -129,9 +129,9 @@ def test_drop_last_is_honoured(tmp_path, fresh_accelerate_state, drop_last, step
 def test_num_workers_and_eval_batch_size_are_honoured(tmp_path, fresh_accelerate_state):
     log = tmp_path / "reads.txt"
     data = Recording(64, log_file=log)
-    trainer = make_trainer(tmp_path / "run", DataLoader(data, batch_size=4, num_workers=2), max_steps=4,
-                           eval_dataloader=DataLoader(Recording(20), batch_size=5))
-    assert trainer.train_data.num_workers == 2
+    trainer = make_trainer(tmp_path / "run", DataLoader(data, batch_size=4, num_workers=2, pin_memory=True),
+                           max_steps=4, eval_dataloader=DataLoader(Recording(20), batch_size=5))
+    assert trainer.train_data.num_workers == 2 and trainer.train_data.pin_memory is True
     assert [len(batch[0]) for batch in trainer.eval_loader] == [5, 5, 5, 5]
     trainer.fit()
     pids = {int(line.split()[0]) for line in log.read_text().splitlines()}

@@ -126,6 +126,11 @@ class _Seeded:
             yield SeededBatch(indices, batch_seed(self.seed, self.epoch, self.rank, step))
 
 
+def is_stream(data) -> bool:
+    """An IterableDataset, or any iterable object without indexing (e.g. one with state_dict())."""
+    return isinstance(data, IterableDataset) or (hasattr(data, "__iter__") and not hasattr(data, "__getitem__"))
+
+
 def build_train_source(task, config, accelerator) -> TrainSource:
     """The training data of a task as a TrainSource for this rank."""
     cfg = config.train
@@ -136,7 +141,7 @@ def build_train_source(task, config, accelerator) -> TrainSource:
                   seed=cfg.seed, grad_accum=cfg.grad_accum, collate_fn=task.collate_fn,
                   drop_last=settings.drop_last, num_workers=num_workers, pin_memory=pin_memory,
                   worker_init_fn=settings.worker_init_fn)
-    stream = isinstance(task.train_data, IterableDataset)
+    stream = is_stream(task.train_data)
     if stream or settings.sampler is not None or settings.batch_sampler is not None:
         from dtrain.data.stream import StatefulSource
 

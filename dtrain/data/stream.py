@@ -58,6 +58,20 @@ def _has_shuffle_buffer(hf_dataset) -> bool:
     return False
 
 
+class IterableObject(IterableDataset):
+    """Any iterable object (with state_dict()/load_state_dict()/set_epoch() if it has them) as a DataLoader
+    dataset."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        for name in ("state_dict", "load_state_dict", "set_epoch", SHARDS_ITSELF):
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
+
+    def __iter__(self):
+        return iter(self.inner)
+
+
 class EveryNth(IterableDataset):
     """A torch IterableDataset's share for one rank (and worker): every (world_size x workers)-th sample."""
 
@@ -102,9 +116,11 @@ class StatefulSource(TrainSource):
                  collate_fn=None, drop_last: bool = True, num_workers: int = 0, pin_memory: bool = False,
                  worker_init_fn=None, sampler=None, batch_sampler=None, device=None, is_main: bool = True,
                  allow_inexact_resume: bool = False):
-        self.kind = "stream" if isinstance(dataset, IterableDataset) else "sampler"
+        self.kind = "sampler" if sampler is not None or batch_sampler is not None else "stream"
         self.order = batch_sampler if batch_sampler is not None else sampler  # what set_epoch goes to
         if self.kind == "stream":
+            if not isinstance(dataset, IterableDataset):
+                dataset = IterableObject(dataset)
             dataset, self.replay_reason = shard_for_rank(dataset, rank, world_size, num_workers)
             self.order = dataset
         else:

@@ -108,3 +108,34 @@ def random_augment(config, seed):
     """Map-style data with random augmentation in __getitem__ (for --num-workers)."""
     return Task(name="random_augment", model=regression.make_mlp(config), train_data=AugmentingDataset(seed),
                 loss=regression.mse_loss, shape={"n_layer": config.n_layer, "n_embd": config.n_embd})
+
+
+class StatefulStream:
+    """Not a torch Dataset at all: an iterable with set_epoch() and an exact state_dict()/load_state_dict()."""
+
+    def __init__(self, seed: int):
+        self.x, self.y = _data(seed)
+        self.seed, self.epoch, self.position = seed, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+
+    def __iter__(self):
+        order = torch.randperm(STREAM_SAMPLES, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        while self.position < STREAM_SAMPLES:
+            i = order[self.position].item()
+            self.position += 1
+            yield {"id": i, "x": self.x[i], "y": self.y[i]}
+        self.position = 0
+
+
+def stateful_stream(config, seed):
+    """An iterable with its own exact state (resumed from it)."""
+    return _task("stateful_stream", StatefulStream(seed), config)
