@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _util  # noqa: E402  (puts the repository on sys.path)
 
 FULL = dict(samples=1_000_000, batch_size=64, repeats=21, stream_samples=1_000_000, stream_repeats=5)
-QUICK = dict(samples=100_000, batch_size=64, repeats=3, stream_samples=20_000, stream_repeats=2)
+QUICK = dict(samples=100_000, batch_size=64, repeats=3, stream_samples=5_000, stream_repeats=2)
 STREAM_SHARDS = 100
 SEED, EPOCH, DEEP_FRACTION = 1234, 3, 0.9
 
