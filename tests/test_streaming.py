@@ -73,6 +73,12 @@ def test_stream_without_max_steps_is_a_usage_error(runner, tmp_path):
     assert "Traceback" not in result.stdout
 
 
+def test_a_stream_shorter_than_one_step_is_a_usage_error(runner, tmp_path):
+    result = runner.run(train_cmd(*task("tiny_stream"), *STREAM, "--output-dir", str(tmp_path / "run")))
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert "dtrain: error: the training stream gave no optimizer step's worth of data in epoch 0" in result.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["hf_stream", "torch_stream"])
 def test_two_ranks_read_disjoint_parts_and_a_world_size_change_is_refused_unless_accepted(runner, tmp_path, name):

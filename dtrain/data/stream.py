@@ -261,6 +261,10 @@ class StatefulSource(TrainSource):
             for _ in range(self.grad_accum):
                 ok, batch, state = self._fetch(loader, iterator)
                 if not ok:
+                    if self.micro_batches == 0:  # else the next epoch would be empty too, and the next ...
+                        raise UsageError(f"the training {self.kind} gave no optimizer step's worth of data in epoch "
+                                         f"{self.epoch} (batch_size {self.batch_size} x grad_accum "
+                                         f"{self.grad_accum} per process{', on every rank' if self.world_size > 1 else ''})")
                     return
                 window.append((batch, state))
             for batch, state in window:

@@ -139,3 +139,14 @@ class StatefulStream:
 def stateful_stream(config, seed):
     """An iterable with its own exact state (resumed from it)."""
     return _task("stateful_stream", StatefulStream(seed), config)
+
+
+class TinyStream(IterableDataset):
+    def __iter__(self):
+        x, y = _data(0)
+        return iter({"id": i, "x": x[i], "y": y[i]} for i in range(8))
+
+
+def tiny_stream(config, seed):
+    """A stream shorter than one micro-batch of 16."""
+    return _task("tiny_stream", TinyStream(), config)
