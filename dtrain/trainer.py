@@ -413,7 +413,7 @@ class Trainer:
         loaded = self.checkpoints.load(path, fallback_seed=self.config.train.seed)
         known = {k: v for k, v in loaded.items() if k in TrainerState.__dataclass_fields__}
         self.state = TrainerState(**{**known, "world_size": self.accelerator.num_processes})
-        if loaded.get("world_size", 1) != self.accelerator.num_processes:
+        if loaded.get("world_size", 1) != self.accelerator.num_processes and self.train_data.kind == "map":
             logger.warning(f"world size changed from {loaded.get('world_size')} to {self.accelerator.num_processes}: "
                            f"continuing at sample {self.state.epoch_samples_seen} of epoch {self.state.epoch}; "
                            f"the run is correct but not bit-identical to an uninterrupted one")
