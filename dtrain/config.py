@@ -127,6 +127,8 @@ class CheckpointConfig:
     allow_config_change: bool = field(default=False, **_opt("resume even if model-shaping fields changed"))
     strict_resume: bool = field(default=False, **_opt("exit 2 when the resume certificate shows that the next step "
                                                       "would differ from the interrupted run's (else a warning)"))
+    allow_inexact_resume: bool = field(default=False, **_opt("resume a stream with another number of processes, "
+                                                             "accepting that some samples are repeated or skipped"))
     agree_every_steps: int = field(default=1, **_opt("steps between the ranks' agreement on interrupts and "
                                                      "timed saves (one small all-reduce); raise if it is costly"))
     signal_grace_seconds: float = field(default=30.0, **_opt("time launchers allow after a signal; warn when saves take longer"))

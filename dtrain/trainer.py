@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, send_to_device
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from dtrain import certificate
@@ -28,7 +28,8 @@ from dtrain import resume as resume_checks
 from dtrain.checkpoint import CheckpointManager, RetentionPolicy, resolve_resume
 from dtrain.checkpoint.layout import step_dirs
 from dtrain.config import Config, write_config
-from dtrain.data import ResumableBatchSampler, ShardedEvalSampler, make_loader
+from dtrain.data import ShardedEvalSampler, build_train_source, make_loader
+from dtrain.data.stream import EvalStream
 from dtrain.distributed import run_and_agree
 from dtrain.errors import CheckpointError, Interrupted, UsageError
 from dtrain.interrupt import InterruptHandler
@@ -52,6 +53,7 @@ class TrainerState:
     epoch: int = 0  # the epoch in progress (0-based)
     step_in_epoch: int = 0
     epoch_samples_seen: int = 0  # global samples consumed in the current epoch: the resume position
+    data_position: dict[str, Any] = field(default_factory=dict)  # where the data is (per rank for streams)
     samples_seen: int = 0  # global samples consumed by the whole run
     world_size: int = 1
     best_metric: float | None = None
@@ -75,8 +77,9 @@ class Trainer:
     """Trains a task (or a model, data and loss handed in directly) under a Config.
 
     Either give `task=`, or the pieces: `model`, `loss_fn(model, batch) -> mean loss`, `train_dataloader`
-    (its dataset, batch size and collate_fn are used; dtrain owns the order so it can resume exactly), and
-    optionally `eval_dataloader` and `optimizer` (default: AdamW with the config's lr and weight decay).
+    (dtrain rebuilds it so it can resume exactly, keeping what it says: shuffle or not, drop_last, workers,
+    pin_memory, collate_fn, a sampler with state_dict()), and optionally `eval_dataloader` (its batch size is
+    kept) and `optimizer` (default: AdamW with the config's lr and weight decay).
     """
 
     def __init__(self, config: Config | None = None, task: Task | None = None, *, model=None, loss_fn=None,
@@ -113,16 +116,14 @@ class Trainer:
 
     def _build_training_objects(self, optimizer) -> None:
         cfg, acc = self.config.train, self.accelerator
-        try:
-            self.sampler = ResumableBatchSampler(len(self.task.train_data), cfg.batch_size, acc.process_index,
-                                                 acc.num_processes, cfg.seed, cfg.grad_accum)
-        except ValueError as exc:
-            raise UsageError(f"invalid value for batch_size: {cfg.batch_size}; {exc}") from None
-        self.train_loader = make_loader(self.task.train_data, self.sampler, self.task.collate_fn,
-                                        cfg.num_workers, cfg.seed, pin_memory=acc.device.type == "cuda")
+        self.train_data = build_train_source(self.task, self.config, acc)  # the order, its position, its loader
         self.eval_loader = None
-        if self.task.eval_data is not None and len(self.task.eval_data):
-            eval_sampler = ShardedEvalSampler(len(self.task.eval_data), cfg.batch_size, acc.process_index,
+        eval_batch_size = self.task.eval_batch_size or cfg.batch_size
+        if isinstance(self.task.eval_data, IterableDataset):
+            self.eval_loader = EvalStream(self.task.eval_data, eval_batch_size, self.task.collate_fn,
+                                          self.config.eval.eval_max_batches)
+        elif self.task.eval_data is not None and len(self.task.eval_data):
+            eval_sampler = ShardedEvalSampler(len(self.task.eval_data), eval_batch_size, acc.process_index,
                                               acc.num_processes, self.config.eval.eval_max_batches)
             self.eval_loader = make_loader(self.task.eval_data, eval_sampler, self.task.collate_fn, 0, cfg.seed)
         if self.config.checkpoint.init_from:
@@ -136,8 +137,8 @@ class Trainer:
 
     def _planned_steps(self) -> int:
         limits = [self.config.train.max_steps] if self.config.train.max_steps else []
-        if self.config.train.epochs:
-            limits.append(self.config.train.epochs * self.sampler.steps_per_epoch)
+        if self.config.train.epochs and self.train_data.steps_per_epoch is not None:  # None: a stream
+            limits.append(self.config.train.epochs * self.train_data.steps_per_epoch)
         return min(limits)
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -151,14 +152,13 @@ class Trainer:
                                              disable=not self.is_main, desc=self.task.name, dynamic_ncols=True,
                                              mininterval=0.5 if sys.stderr.isatty() else 30)
             self._reset_loss_window()
-            state = self.state
+            state, data = self.state, self.train_data
             while not self._finished():
-                self.sampler.set_epoch(state.epoch, state.epoch_samples_seen)
                 epoch = state.epoch
-                for batch in self.train_loader:
+                for batch in data:  # the rest of the epoch, from where the data was sought
                     self._micro_step(send_to_device(batch, self.accelerator.device))
-                    state.epoch_samples_seen += self.sampler.samples_per_micro_step
-                    state.samples_seen += self.sampler.samples_per_micro_step
+                    state.epoch_samples_seen += data.samples_per_micro_step
+                    state.samples_seen += data.samples_per_micro_step
                     if not self.accelerator.sync_gradients:
                         continue  # inside a gradient accumulation window
                     state.global_step += 1
@@ -174,7 +174,7 @@ class Trainer:
                         self._save_at_epoch_end()
                     if self._finished():
                         break
-                else:  # the loader ran dry before the sampler said the epoch was over (data of unknown length)
+                else:  # the data ran dry before the epoch was known to be over (a stream)
                     if state.epoch == epoch:
                         self._roll_over_epoch()
                         self._save_at_epoch_end()
@@ -237,12 +237,12 @@ class Trainer:
 
     def _epoch_ends_at_this_step(self) -> bool:
         """Whether this optimizer step consumed the last batch of the epoch (known up front for map-style data)."""
-        remaining = getattr(getattr(self, "sampler", None), "micro_steps_from", None)
-        return remaining is not None and remaining(self.state.epoch_samples_seen) == 0
+        return self.train_data.epoch_ends_at(self.state.epoch_samples_seen)
 
     def _roll_over_epoch(self) -> None:
         state = self.state
         state.epoch, state.step_in_epoch, state.epoch_samples_seen = state.epoch + 1, 0, 0
+        self.train_data.seek(state.epoch)  # the data's position moves with it (a save now resumes there)
 
     def _save_at_epoch_end(self) -> None:
         every = self.config.checkpoint.save_every_epochs
@@ -367,7 +367,8 @@ class Trainer:
         state = self.state
         path = str(self.checkpoints.dir / f"step_{state.global_step:09d}")
         if self.checkpoints.last_saved_step != state.global_step:
-            metric = state.last_eval.get(self.config.eval.monitor) if state.last_eval_step == state.global_step else None
+            evaluated_now = state.last_eval_step == state.global_step
+            metric = state.last_eval.get(self.config.eval.monitor) if evaluated_now else None
             self._log_checkpoint(self.checkpoints.wait())  # the previous background save, if still in flight
             report = self.checkpoints.save(state.global_step, self._checkpoint_state(), metric)
             self._last_save_time = time.monotonic()
@@ -391,7 +392,8 @@ class Trainer:
                            f"save may be killed half-way. Use --async-save or raise the launcher's grace period")
 
     def _checkpoint_state(self) -> dict[str, Any]:
-        entry = certificate.local_entry(self._next_batch_digest(), certificate.planned_lrs(self.scheduler))
+        self.state.data_position = self.train_data.checkpoint_position()  # on every rank: streams gather
+        entry = certificate.local_entry(self.train_data.next_batch_digest(), certificate.planned_lrs(self.scheduler))
         return {**asdict(self.state), "task": self.task.name, "shape": self.task.shape,
                 "resume_certificate": certificate.gather_certificate(entry, self.accelerator.num_processes),
                 "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
@@ -400,18 +402,9 @@ class Trainer:
                 "device": self.accelerator.device.type, "async": self.checkpoints.async_save,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-    def _next_batch_digest(self) -> str:
-        """Identifies this rank's next micro-batch without loading it: its sample indices in the epoch order."""
-        epoch, position = self.state.epoch, self.state.epoch_samples_seen
-        if self.sampler.micro_steps_from(position) == 0:  # the epoch is used up: the next batch opens the next one
-            epoch, position = epoch + 1, 0
-        first = position + self.sampler.rank * self.sampler.batch_size
-        indices = self.sampler.epoch_order(epoch)[first:first + self.sampler.batch_size]
-        return certificate.digest("indices", indices)
-
     def _check_resume_certificate(self, saved: dict[str, Any] | None, path: Path) -> None:
         """Before the first resumed step: is the next step's input what it would have been without the stop?"""
-        entry = certificate.local_entry(self._next_batch_digest(), certificate.planned_lrs(self.scheduler))
+        entry = certificate.local_entry(self.train_data.next_batch_digest(), certificate.planned_lrs(self.scheduler))
         mine = certificate.differences(saved, entry, self.accelerator.process_index, self.accelerator.num_processes)
         differ = certificate.agree_on_differences(mine, self.accelerator.device)
         if not differ:
@@ -474,21 +467,24 @@ class Trainer:
                                fingerprint=self.task.fingerprint, total_steps=self.total_steps)
         else:
             self._resume_from(resolution.path)
+        self.train_data.seek(self.state.epoch, self.state.epoch_samples_seen, self.state.data_position)
         self.checkpoints.clean_stale()  # only now: a refused start must not touch a run's leftovers
         if self.is_main:
             write_config(self.config, self.output_dir / "config.yaml")
         self._init_trackers()
         logger.info(f"{self.task.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
                     f"{self.accelerator.num_processes} process(es) on {self.accelerator.device}, "
-                    f"{self.sampler.steps_per_epoch} steps per epoch, {self.total_steps} steps planned")
+                    f"{self.train_data.describe()}, {self.train_data.steps_per_epoch or 'unknown'} steps per "
+                    f"epoch, {self.total_steps} steps planned")
 
     def _resume_from(self, path: Path) -> None:
         saved = resume_checks.read_checkpoint_state(path)
         resume_checks.check_compatible(saved, self.task, self.config, self.accelerator.unwrap_model(self.model), path)
+        self.train_data.check_resume(saved.get("data_position"), saved.get("world_size", 1))
         loaded = self.checkpoints.load(path, fallback_seed=self.config.train.seed)
         known = {k: v for k, v in loaded.items() if k in TrainerState.__dataclass_fields__}
         self.state = TrainerState(**{**known, "world_size": self.accelerator.num_processes})
-        if loaded.get("world_size", 1) != self.accelerator.num_processes:
+        if loaded.get("world_size", 1) != self.accelerator.num_processes and self.train_data.kind == "map":
             logger.warning(f"world size changed from {loaded.get('world_size')} to {self.accelerator.num_processes}: "
                            f"continuing at sample {self.state.epoch_samples_seen} of epoch {self.state.epoch}; "
                            f"the run is correct but not bit-identical to an uninterrupted one")
