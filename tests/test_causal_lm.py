@@ -87,15 +87,14 @@ def run_interrupted_at(runner, cmd: list[str], out: Path, step: int, processes: 
     return output
 
 
+# Each model family, tie mode and world size appears twice, each pair of them once (a process starts in ~15 s
+# here, most of it importing torch and transformers: the full product would cost minutes of CI).
 @pytest.mark.parametrize("kind,tied,processes", [
-    ("gpt2", False, 1),
     ("llama", False, 1),
     pytest.param("gpt2", True, 1, marks=pytest.mark.skip(reason=TIED_REASON)),
-    pytest.param("llama", True, 1, marks=pytest.mark.skip(reason=TIED_REASON)),
-    pytest.param("llama", False, 2, marks=pytest.mark.slow),
-    pytest.param("gpt2", True, 2, marks=[pytest.mark.slow, pytest.mark.skip(reason=TIED_REASON)]),
-], ids=["gpt2-untied-1proc", "llama-untied-1proc", "gpt2-tied-1proc", "llama-tied-1proc", "llama-untied-2proc",
-        "gpt2-tied-2proc"])
+    pytest.param("gpt2", False, 2, marks=pytest.mark.slow),
+    pytest.param("llama", True, 2, marks=[pytest.mark.slow, pytest.mark.skip(reason=TIED_REASON)]),
+], ids=["llama-untied-1proc", "gpt2-tied-1proc", "gpt2-untied-2proc", "llama-tied-2proc"])
 def test_sigterm_and_resume_is_bit_identical_to_a_straight_run(runner, tmp_path, kind, tied, processes):
     data = write_corpus(tmp_path / "text")
     config = write_model_config(tmp_path / "config.json", kind, tied)

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from dtrain.config import TaskConfig
 from dtrain.errors import UsageError
+from dtrain.integrations.hf_models import require_hf
 
 STREAM_EVAL_BLOCKS = 256
 SAVED_DATASET_MARKERS = ("dataset_info.json", "dataset_dict.json", "state.json")
@@ -146,7 +147,7 @@ def _looks_like_path(text: str) -> bool:
 
 def _load_datasets_source(data: str, streaming: bool):
     """(train split, eval split or None, fingerprint) of a save_to_disk directory or a `datasets` name."""
-    import datasets
+    datasets = require_hf("datasets")  # imported only where a source needs it (it is slow)
 
     path = Path(data).expanduser()
     try:
@@ -254,7 +255,7 @@ def _text_data(config: TaskConfig, tokenizer, block: int, period: int) -> LMData
     files, limits, source = text_files(config.data, config.corpus_bytes)
     fingerprint = _files_fingerprint(files, limits, source)
     if config.streaming:
-        import datasets
+        datasets = require_hf("datasets")  # imported only where a source needs it (it is slow)
 
         train = datasets.IterableDataset.from_generator(
             stream_file_blocks, gen_kwargs={"files": files, "limits": limits, "tokenizer": tokenizer,

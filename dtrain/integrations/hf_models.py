@@ -9,6 +9,7 @@ it from a saved directory).
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -23,14 +24,13 @@ HF_EXTRA = 'pip install -e ".[hf]"'
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def require_hf() -> None:
-    """The one error a user without the extra sees."""
+def require_hf(module: str = "transformers"):
+    """Imports a module of the hf extra; without it, the one error a user sees names the extra."""
     try:
-        import datasets  # noqa: F401
-        import transformers  # noqa: F401
+        return importlib.import_module(module)
     except ImportError as exc:
-        raise UsageError(f"task causal-lm needs Hugging Face transformers and datasets, which cannot be imported "
-                         f"({exc}); install the extra: {HF_EXTRA}") from None
+        raise UsageError(f"task causal-lm needs Hugging Face transformers and datasets, and {module} cannot be "
+                         f"imported ({exc}); install the extra: {HF_EXTRA}") from None
 
 
 def _looks_like_path(text: str) -> bool:
