@@ -27,7 +27,6 @@ SITE_HOOKS = str(REPO / "tests" / "helpers" / "site")  # sitecustomize: pause at
 TINY = ["--task", "causal-lm", "--block-size", "32", "--batch-size", "4", "--lr", "3e-3", "--warmup-steps", "2",
         "--epochs", "0", "--max-steps", "14", "--eval-every-steps", "7", "--eval-max-batches", "2",
         "--log-every-steps", "7", "--sample-chars", "8", "--keep-last", "0"]
-TIED_REASON = "tied-weight resume is fixed on branch `tied` (dtrain's shape check refuses the aliased lm_head)"
 
 
 def write_corpus(folder: Path, files: int = 3, lines: int = 120) -> Path:
@@ -91,9 +90,9 @@ def run_interrupted_at(runner, cmd: list[str], out: Path, step: int, processes: 
 # here, most of it importing torch and transformers: the full product would cost minutes of CI).
 @pytest.mark.parametrize("kind,tied,processes", [
     ("llama", False, 1),
-    pytest.param("gpt2", True, 1, marks=pytest.mark.skip(reason=TIED_REASON)),
+    ("gpt2", True, 1),
     pytest.param("gpt2", False, 2, marks=pytest.mark.slow),
-    pytest.param("llama", True, 2, marks=[pytest.mark.slow, pytest.mark.skip(reason=TIED_REASON)]),
+    pytest.param("llama", True, 2, marks=pytest.mark.slow),
 ], ids=["llama-untied-1proc", "gpt2-tied-1proc", "gpt2-untied-2proc", "llama-tied-2proc"])
 def test_sigterm_and_resume_is_bit_identical_to_a_straight_run(runner, tmp_path, kind, tied, processes):
     data = write_corpus(tmp_path / "text")

@@ -25,20 +25,15 @@ EXPORT_FORMAT = "dtrain-hf-export/1"
 
 def _model_of_checkpoint(checkpoint: Path, state: dict[str, Any]):
     """The run's model (its architecture and tokenizer from the run's config) holding the checkpoint's weights."""
-    from safetensors.torch import load_model
-
     from dtrain.config import config_from_dict
     from dtrain.integrations.hf_models import build_model_and_tokenizer
+    from dtrain.weights import load_weights
 
     config = config_from_dict(state.get("config") or {})
     task_config = dataclasses.replace(config.task, gradient_checkpointing=False)
     model, tokenizer = build_model_and_tokenizer(task_config, config.train.seed)
     model.config.use_cache = True  # for inference
-    weights = checkpoint / "model.safetensors"
-    try:
-        load_model(model, str(weights), strict=True)  # restores tied weights that the file stores once
-    except RuntimeError as exc:
-        raise UsageError(f"{weights} does not fit the model of the run's config: {str(exc).splitlines()[0]}") from None
+    load_weights(model, checkpoint / "model.safetensors")  # ties intact; a file that does not fit: UsageError
     return model, tokenizer
 
 
