@@ -140,6 +140,8 @@ class CheckpointConfig:
     async_save: bool = field(default=False, **_opt("write checkpoints in the background"))
     verify_checksums: bool = field(default=False, **_opt("check sha256 of every file before resuming"))
     allow_config_change: bool = field(default=False, **_opt("resume even if model-shaping fields changed"))
+    allow_inexact_resume: bool = field(default=False, **_opt("resume a stream with another number of processes, "
+                                                             "accepting that some samples are repeated or skipped"))
     agree_every_steps: int = field(default=1, **_opt("steps between the ranks' agreement on interrupts and "
                                                      "timed saves (one small all-reduce); raise if it is costly"))
     signal_grace_seconds: float = field(default=30.0, **_opt("time launchers allow after a signal; warn when saves take longer"))

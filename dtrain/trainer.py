@@ -26,7 +26,7 @@ from dtrain import resume as resume_checks
 from dtrain.checkpoint import CheckpointManager, RetentionPolicy, resolve_resume
 from dtrain.checkpoint.layout import step_dirs
 from dtrain.config import Config, write_config
-from dtrain.data import ResumableBatchSampler, ShardedEvalSampler, make_loader
+from dtrain.data import ShardedEvalSampler, build_train_source, make_loader
 from dtrain.distributed import barrier
 from dtrain.errors import CheckpointError, Interrupted, UsageError
 from dtrain.interrupt import InterruptHandler
@@ -49,6 +49,7 @@ class TrainerState:
     epoch: int = 0  # the epoch in progress (0-based)
     step_in_epoch: int = 0
     epoch_samples_seen: int = 0  # global samples consumed in the current epoch: the resume position
+    data_position: dict[str, Any] = field(default_factory=dict)  # where the data is (per rank for streams)
     samples_seen: int = 0  # global samples consumed by the whole run
     world_size: int = 1
     best_metric: float | None = None
@@ -72,8 +73,9 @@ class Trainer:
     """Trains a task (or a model, data and loss handed in directly) under a Config.
 
     Either give `task=`, or the pieces: `model`, `loss_fn(model, batch) -> mean loss`, `train_dataloader`
-    (its dataset, batch size and collate_fn are used; dtrain owns the order so it can resume exactly), and
-    optionally `eval_dataloader` and `optimizer` (default: AdamW with the config's lr and weight decay).
+    (dtrain rebuilds it so it can resume exactly, keeping what it says: shuffle or not, drop_last, workers,
+    pin_memory, collate_fn, a sampler with state_dict()), and optionally `eval_dataloader` (its batch size is
+    kept) and `optimizer` (default: AdamW with the config's lr and weight decay).
     """
 
     def __init__(self, config: Config | None = None, task: Task | None = None, *, model=None, loss_fn=None,
@@ -109,20 +111,14 @@ class Trainer:
 
     def _build_training_objects(self, optimizer) -> None:
         cfg, acc = self.config.train, self.accelerator
-        try:
-            self.sampler = ResumableBatchSampler(len(self.task.train_data), cfg.batch_size, acc.process_index,
-                                                 acc.num_processes, cfg.seed, cfg.grad_accum)
-        except ValueError as exc:
-            raise UsageError(f"invalid value for batch_size: {cfg.batch_size}; {exc}") from None
-        self.train_loader = make_loader(self.task.train_data, self.sampler, self.task.collate_fn,
-                                        cfg.num_workers, cfg.seed, pin_memory=acc.device.type == "cuda")
+        self.train_data = build_train_source(self.task, self.config, acc)  # the order, its position, its loader
         self.eval_loader = None
         if self.task.eval_data is not None and len(self.task.eval_data) < acc.num_processes:
             logger.warning(f"evaluation is off: {len(self.task.eval_data)} eval samples cannot give each of "
                            f"{acc.num_processes} ranks one")  # a rank without batches would miss the reduce
         elif self.task.eval_data is not None:
-            eval_sampler = ShardedEvalSampler(len(self.task.eval_data), cfg.batch_size, acc.process_index,
-                                              acc.num_processes, self.config.eval.eval_max_batches)
+            eval_sampler = ShardedEvalSampler(len(self.task.eval_data), self.task.eval_batch_size or cfg.batch_size,
+                                              acc.process_index, acc.num_processes, self.config.eval.eval_max_batches)
             self.eval_loader = make_loader(self.task.eval_data, eval_sampler, self.task.collate_fn, 0, cfg.seed)
         if self.config.checkpoint.init_from:
             resume_checks.load_initial_weights(self.task.model, self.config.checkpoint.init_from)
@@ -135,8 +131,8 @@ class Trainer:
 
     def _planned_steps(self) -> int:
         limits = [self.config.train.max_steps] if self.config.train.max_steps else []
-        if self.config.train.epochs:
-            limits.append(self.config.train.epochs * self.sampler.steps_per_epoch)
+        if self.config.train.epochs and self.train_data.steps_per_epoch is not None:  # None: a stream
+            limits.append(self.config.train.epochs * self.train_data.steps_per_epoch)
         return min(limits)
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -150,13 +146,12 @@ class Trainer:
                                              disable=not self.is_main, desc=self.task.name, dynamic_ncols=True,
                                              mininterval=0.5 if sys.stderr.isatty() else 30)
             self._reset_loss_window()
-            state = self.state
+            state, data = self.state, self.train_data
             while not self._finished():
-                self.sampler.set_epoch(state.epoch, state.epoch_samples_seen)
-                for batch in self.train_loader:
+                for batch in data:  # the rest of the epoch, from where the data was sought
                     self._micro_step(send_to_device(batch, self.accelerator.device))
-                    state.epoch_samples_seen += self.sampler.samples_per_micro_step
-                    state.samples_seen += self.sampler.samples_per_micro_step
+                    state.epoch_samples_seen += data.samples_per_micro_step
+                    state.samples_seen += data.samples_per_micro_step
                     if not self.accelerator.sync_gradients:
                         continue  # inside a gradient accumulation window
                     state.global_step += 1
@@ -167,6 +162,7 @@ class Trainer:
                         break
                 else:  # the epoch ran to its end
                     state.epoch, state.step_in_epoch, state.epoch_samples_seen = state.epoch + 1, 0, 0
+                    data.seek(state.epoch)
                     every = self.config.checkpoint.save_every_epochs
                     if every and state.epoch % every == 0:
                         self._save()
@@ -349,6 +345,7 @@ class Trainer:
                            f"save may be killed half-way. Use --async-save or raise the launcher's grace period")
 
     def _checkpoint_state(self) -> dict[str, Any]:
+        self.state.data_position = self.train_data.checkpoint_position()  # on every rank: streams gather
         return {**asdict(self.state), "task": self.task.name, "shape": self.task.shape,
                 "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
                 "mixed_precision": self.config.train.mixed_precision,
@@ -394,17 +391,20 @@ class Trainer:
                                fingerprint=self.task.fingerprint, total_steps=self.total_steps)
         else:
             self._resume_from(resolution.path)
+        self.train_data.seek(self.state.epoch, self.state.epoch_samples_seen, self.state.data_position)
         self.checkpoints.clean_stale()  # only now: a refused start must not touch a run's leftovers
         if self.is_main:
             write_config(self.config, self.output_dir / "config.yaml")
         self._init_trackers()
         logger.info(f"{self.task.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
                     f"{self.accelerator.num_processes} process(es) on {self.accelerator.device}, "
-                    f"{self.sampler.steps_per_epoch} steps per epoch, {self.total_steps} steps planned")
+                    f"{self.train_data.describe()}, {self.train_data.steps_per_epoch or 'unknown'} steps per "
+                    f"epoch, {self.total_steps} steps planned")
 
     def _resume_from(self, path: Path) -> None:
         saved = resume_checks.read_checkpoint_state(path)
         resume_checks.check_compatible(saved, self.task, self.config, self.accelerator.unwrap_model(self.model), path)
+        self.train_data.check_resume(saved.get("data_position"), saved.get("world_size", 1))
         loaded = self.checkpoints.load(path, fallback_seed=self.config.train.seed)
         known = {k: v for k, v in loaded.items() if k in TrainerState.__dataclass_fields__}
         self.state = TrainerState(**{**known, "world_size": self.accelerator.num_processes})

@@ -63,6 +63,9 @@ class Task:
       random numbers only from `generator`, so evaluation never changes the training run's randomness.
     - `shape` holds the settings that decide the model's tensors; resuming with different ones is refused.
     - `fingerprint` identifies the data; a change is reported on resume.
+    - `train_data` is a map-style Dataset or an IterableDataset (a stream; then set --max-steps).
+    - `train_loader` (dtrain.data.LoaderSettings) keeps what a user's own DataLoader asked for;
+      `eval_batch_size` the eval DataLoader's batch size (default: --batch-size).
     """
 
     name: str
@@ -75,6 +78,8 @@ class Task:
     collate_fn: Callable | None = None
     shape: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
+    train_loader: Any = None
+    eval_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.evaluate is None:
@@ -82,9 +87,14 @@ class Task:
 
     @classmethod
     def from_pieces(cls, model: nn.Module, loss_fn, train_dataloader, eval_dataloader=None) -> "Task":
-        """Wraps a user's model, loss and DataLoaders (dtrain re-batches their datasets itself)."""
+        """Wraps a user's model, loss and DataLoaders. dtrain rebuilds the loaders so it can resume exactly, and
+        keeps what they say (see dtrain.data.loader.settings_from_dataloader); what it cannot keep is refused."""
+        from dtrain.data.loader import settings_from_dataloader
+
         return cls(name=type(model).__name__, model=model, train_data=train_dataloader.dataset, loss=loss_fn,
                    eval_data=eval_dataloader.dataset if eval_dataloader is not None else None,
                    collate_fn=train_dataloader.collate_fn,
+                   train_loader=settings_from_dataloader(train_dataloader),
+                   eval_batch_size=eval_dataloader.batch_size if eval_dataloader is not None else None,
                    shape={"model": type(model).__name__,
                           "parameters": {k: list(v.shape) for k, v in model.state_dict().items()}})
