@@ -115,7 +115,6 @@ def test_sigterm_and_resume_is_bit_identical_to_a_straight_run(runner, tmp_path,
     assert sorted(p.name for p in (stopped / "samples").iterdir()) == ["step_000000007.txt", "step_000000014.txt"]
 
 
-@pytest.mark.skip(reason="streams train once branch `data` (IterableDataset train data) is merged")
 def test_streaming_text_files_resume_bit_identical(runner, tmp_path):
     data = write_corpus(tmp_path / "text", files=4)
     config = write_model_config(tmp_path / "config.json", "llama", False)
