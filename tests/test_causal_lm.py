@@ -175,6 +175,23 @@ def test_the_same_seed_builds_the_same_model_whatever_the_global_rng(tmp_path):
     assert same_tensors(first, second) and not same_tensors(first, other)
 
 
+def test_model_directory_brings_its_weights_and_its_tokenizer(tmp_path):
+    from dtrain.integrations.hf_models import byte_level_tokenizer
+
+    saved = tmp_path / "pretrained"
+    tokenizer = byte_level_tokenizer()
+    tokenizer.add_special_tokens({"eos_token": "<|end|>"})  # id 256: only this directory's tokenizer has it
+    tokenizer.save_pretrained(str(saved))
+    torch.manual_seed(11)
+    AutoModelForCausalLM.from_config(model_config("llama", False, vocab_size=260)).save_pretrained(str(saved))
+    data = write_corpus(tmp_path / "text")
+    task = build_task(task_config(model=str(saved), data=str(data)), seed=1)
+    assert same_tensors(task.model.state_dict(), AutoModelForCausalLM.from_pretrained(str(saved)).state_dict())
+    tokens = torch.cat([task.train_data[i]["input_ids"] for i in range(len(task.train_data))])
+    assert (tokens == 256).any(), "documents end with the directory tokenizer's EOS"
+    assert task.shape["vocab_size"] == 260 and task.shape["model_type"] == "llama"
+
+
 def test_saved_dataset_directory_with_a_validation_split(tmp_path):
     text = (write_corpus(tmp_path / "text", files=1) / "part_0.txt").read_text().splitlines()
     splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": text[:100]}),

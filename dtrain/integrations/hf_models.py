@@ -74,6 +74,8 @@ def load_tokenizer(config: TaskConfig):
         if not model_dir.exists() or any((model_dir / name).exists() for name in TOKENIZER_FILES):
             field, source = "model", config.model  # a hub id, or a directory holding a tokenizer
     if source is None:
+        if config.model:
+            logger.info(f"{config.model} holds no tokenizer: using the byte-level one (256 ids)")
         return byte_level_tokenizer()
     path = Path(source).expanduser()
     if not path.exists() and _looks_like_path(source):
