@@ -99,11 +99,11 @@ def test_sigterm_and_resume_is_bit_identical_to_a_straight_run(runner, tmp_path,
     config = write_model_config(tmp_path / "config.json", kind, tied)
     args = [*TINY, "--model-config", str(config), "--data", str(data)]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    result = runner.run(train_cmd(*args, "--output-dir", str(straight), processes=processes), cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:]
-
+    straight_run = runner.start(train_cmd(*args, "--output-dir", str(straight), processes=processes), cwd=REPO)
     run_interrupted_at(runner, train_cmd(*args, "--output-dir", str(stopped), processes=processes), stopped, 5,
-                       processes)
+                       processes)  # meanwhile: most of a tiny run is starting up
+    output, _ = straight_run.communicate(timeout=180)
+    assert straight_run.returncode == 0, output[-3000:]
     resumed = runner.run(train_cmd(*args, "--output-dir", str(stopped), "--resume", "latest", processes=processes),
                          cwd=REPO)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
@@ -120,9 +120,10 @@ def test_streaming_text_files_resume_bit_identical(runner, tmp_path):
     config = write_model_config(tmp_path / "config.json", "llama", False)
     args = [*TINY, "--model-config", str(config), "--data", str(data), "--streaming"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    result = runner.run(train_cmd(*args, "--output-dir", str(straight)), cwd=REPO)
-    assert result.returncode == 0, result.stdout[-3000:]
+    straight_run = runner.start(train_cmd(*args, "--output-dir", str(straight)), cwd=REPO)
     run_interrupted_at(runner, train_cmd(*args, "--output-dir", str(stopped)), stopped, 5, 1)
+    output, _ = straight_run.communicate(timeout=180)
+    assert straight_run.returncode == 0, output[-3000:]
     resumed = runner.run(train_cmd(*args, "--output-dir", str(stopped), "--resume", "latest"), cwd=REPO)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert_same_training_state(straight, stopped)

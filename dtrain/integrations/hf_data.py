@@ -115,14 +115,23 @@ def _read_text(path: str, limit: int) -> str:
     return (raw if limit < 0 else raw[:limit]).decode("utf-8", errors="replace")
 
 
-def _files_fingerprint(files: list[str], limits: list[int], source: str) -> str:
+def _files_fingerprint(files: list[str], limits: list[int], source: str, streaming: bool) -> str:
+    """The files' identity: their contents' sha256, or for a stream (which must not read everything at start)
+    their names, sizes and modification times."""
     digest, total = hashlib.sha256(), 0
     for path, limit in zip(files, limits):
-        raw = Path(path).read_bytes()
-        raw = raw if limit < 0 else raw[:limit]
-        digest.update(raw)
-        total += len(raw)
-    return f"{source}#files={len(files)}#bytes={total}#sha256={digest.hexdigest()[:16]}"
+        if streaming:
+            stat = Path(path).stat()
+            size = stat.st_size if limit < 0 else min(limit, stat.st_size)
+            digest.update(f"{path}\0{size}\0{stat.st_mtime_ns}\0".encode())
+        else:
+            raw = Path(path).read_bytes()
+            raw = raw if limit < 0 else raw[:limit]
+            digest.update(raw)
+            size = len(raw)
+        total += size
+    kind = "stat-sha256" if streaming else "sha256"
+    return f"{source}#files={len(files)}#bytes={total}#{kind}={digest.hexdigest()[:16]}"
 
 
 def stream_file_blocks(files: list[str], limits: list[int], tokenizer, block_size: int, period: int,
@@ -253,7 +262,7 @@ def load_lm_data(config: TaskConfig, tokenizer) -> LMData:
 
 def _text_data(config: TaskConfig, tokenizer, block: int, period: int) -> LMData:
     files, limits, source = text_files(config.data, config.corpus_bytes)
-    fingerprint = _files_fingerprint(files, limits, source)
+    fingerprint = _files_fingerprint(files, limits, source, config.streaming)
     if config.streaming:
         datasets = require_hf("datasets")  # imported only where a source needs it (it is slow)
 
