@@ -157,6 +157,21 @@ def test_streamed_blocks_continue_exactly_from_the_stream_state(tmp_path):
     assert len(mapped.eval_data) / (len(mapped.train_data) + len(mapped.eval_data)) == pytest.approx(0.05, abs=0.01)
 
 
+def test_streamed_saved_dataset_continues_exactly_from_the_stream_state(tmp_path):
+    text = (write_corpus(tmp_path / "text", files=1, lines=400) / "part_0.txt").read_text().splitlines()
+    datasets.Dataset.from_dict({"text": text}).save_to_disk(str(tmp_path / "saved"))
+    config = task_config(data=str(tmp_path / "saved"), streaming=True, n_layer=1, n_head=2, n_embd=32)
+    stream = build_task(config, seed=1).train_data
+    iterator = iter(stream)
+    for _ in range(120):  # into the second packing batch (64 rows give about 80 blocks)
+        next(iterator)
+    state = stream.state_dict()
+    rest = [row["input_ids"] for row in iterator]
+    again = build_task(config, seed=1).train_data
+    again.load_state_dict(state)
+    assert rest and [row["input_ids"] for row in again] == rest
+
+
 def test_default_run_needs_nothing_but_the_hf_extra():
     task = build_task(task_config(corpus_bytes=20_000, n_layer=1, n_head=2, n_embd=32), seed=3)
     assert type(task.model).__name__ == "GPT2LMHeadModel" and task.model.config.vocab_size == 256
