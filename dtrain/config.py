@@ -30,8 +30,10 @@ HF_ONLY_FIELDS = ("model", "model_config", "tokenizer", "streaming", "gradient_c
 
 @dataclass
 class TaskConfig:
-    task: str = field(default="charlm", **_opt("built-in task (charlm, regression, causal-lm) or package.module:function"))
-    data: str | None = field(default=None, **_opt("task input; charlm: a text file or folder (default: Python's stdlib sources)"))
+    task: str = field(default="charlm", **_opt("built-in task (charlm, regression, causal-lm) or "
+                                               "package.module:function"))
+    data: str | None = field(default=None, **_opt("task input; charlm: a text file or folder (default: Python's "
+                                                  "stdlib sources); causal-lm: also a datasets directory or name"))
     block_size: int = field(default=64, **_opt("context length in characters (charlm)"))
     n_layer: int = field(default=4, **_opt("transformer layers (charlm) / hidden layers (regression)"))
     n_head: int = field(default=4, **_opt("attention heads (charlm)"))

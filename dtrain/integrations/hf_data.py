@@ -89,8 +89,11 @@ def text_files(data: str | None, corpus_bytes: int) -> tuple[list[str], list[int
     if data is None:
         return stdlib_corpus(corpus_bytes)
     path = Path(data).expanduser()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()
-                                                 and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if path.is_file():
+        files = [path]
+    else:  # hidden files and folders (.git, editor swap files) are no text of the corpus
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
         raise UsageError(f"invalid value for data: {data!r} holds no files; accepted: text files or a folder of them")
     return [str(f) for f in files], [-1] * len(files), f"files:{path.resolve()}"
@@ -239,6 +242,15 @@ def load_lm_data(config: TaskConfig, tokenizer) -> LMData:
                          f"datasets save_to_disk directory or a datasets name")
     if data is None or (path.exists() and not is_saved_dataset(path)):
         return _text_data(config, tokenizer, block, period)
+    return _datasets_data(config, tokenizer, block, period)
+
+
+def _eval_split(blocks: list[list[int]], block: int) -> TokenBlocks | None:
+    return TokenBlocks(_blocks_tensor(blocks, block)) if blocks else None
+
+
+def _datasets_data(config: TaskConfig, tokenizer, block: int, period: int) -> LMData:
+    data = config.data
     train, held_out, fingerprint = _load_datasets_source(data, config.streaming)
     tokens = _row_tokens(tokenizer)
     if config.streaming:
@@ -249,15 +261,14 @@ def load_lm_data(config: TaskConfig, tokenizer) -> LMData:
             eval_rows = _stream_blocks_of_dataset(train, tokenizer, block, split_period, "eval")
             eval_blocks = [r[IDS_COLUMN] for r in itertools.islice(eval_rows, STREAM_EVAL_BLOCKS)]
         train = _stream_blocks_of_dataset(train, tokenizer, block, split_period, "train")
-        return LMData(train, TokenBlocks(_blocks_tensor(eval_blocks, block)) if eval_blocks else None, fingerprint)
+        return LMData(train, _eval_split(eval_blocks, block), fingerprint)
     blocks = list(_pack((tokens(row) for row in train), block))
     if held_out is not None:
         train_blocks, eval_blocks = blocks, list(_pack((tokens(row) for row in held_out), block))
     else:
         train_blocks, eval_blocks = _split_blocks(blocks, period)
     _check_enough(len(train_blocks), len(eval_blocks), data, config)
-    return LMData(TokenBlocks(_blocks_tensor(train_blocks, block)),
-                  TokenBlocks(_blocks_tensor(eval_blocks, block)) if eval_blocks else None, fingerprint)
+    return LMData(TokenBlocks(_blocks_tensor(train_blocks, block)), _eval_split(eval_blocks, block), fingerprint)
 
 
 def _text_data(config: TaskConfig, tokenizer, block: int, period: int) -> LMData:
@@ -272,9 +283,8 @@ def _text_data(config: TaskConfig, tokenizer, block: int, period: int) -> LMData
         held_out = stream_file_blocks(files, limits, tokenizer, block, period, "eval")
         eval_blocks = [row[IDS_COLUMN] for row in itertools.islice(held_out, STREAM_EVAL_BLOCKS)]
         _check_enough(1, len(eval_blocks), source, config)
-        return LMData(train, TokenBlocks(_blocks_tensor(eval_blocks, block)) if eval_blocks else None, fingerprint)
+        return LMData(train, _eval_split(eval_blocks, block), fingerprint)
     blocks = list(_pack((_tokenize(tokenizer, _read_text(f, n)) for f, n in zip(files, limits)), block))
     train_blocks, eval_blocks = _split_blocks(blocks, period)
     _check_enough(len(train_blocks), len(eval_blocks), source, config)
-    return LMData(TokenBlocks(_blocks_tensor(train_blocks, block)),
-                  TokenBlocks(_blocks_tensor(eval_blocks, block)) if eval_blocks else None, fingerprint)
+    return LMData(TokenBlocks(_blocks_tensor(train_blocks, block)), _eval_split(eval_blocks, block), fingerprint)
