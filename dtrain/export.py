@@ -84,6 +84,10 @@ def load_exported(path: str | Path):
 
 def export_command(args) -> None:
     checkpoint = select_checkpoint(args.path, args.which)
+    if getattr(args, "format", "safetensors") == "hf":
+        from dtrain.integrations.hf_export import export_hf_command
+
+        return export_hf_command(checkpoint, Path(args.out), args.dtype)
     info = export_checkpoint(checkpoint, Path(args.out), args.dtype)
     print(f"exported {checkpoint} (step {info['step']}, {info['task']}) to {info['path']}: "
           f"{info['tensors']} tensors as {args.dtype}, {human_size(info['bytes'])}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,11 +39,16 @@ def evaluation_sums(task: "Task", model: nn.Module, batches, device) -> dict[str
     return sums
 
 
+# Metrics that are no averages: a task sums their logarithm per sample, and reports exp(mean).
+EXP_OF_MEAN = ("perplexity",)
+
+
 def metrics_from_sums(totals: dict[str, float]) -> dict[str, float]:
-    """Per-sample metrics from summed ones: every sum divided by `count`."""
+    """Per-sample metrics from summed ones: every sum divided by `count` (exp of that for EXP_OF_MEAN)."""
     totals = dict(totals)
     count = float(totals.pop("count", 1.0)) or 1.0
-    return {key: float(value) / count for key, value in totals.items()}
+    means = {key: float(value) / count for key, value in totals.items()}
+    return {key: math.exp(min(value, 700.0)) if key in EXP_OF_MEAN else value for key, value in means.items()}
 
 
 @dataclass
@@ -51,7 +57,8 @@ class Task:
 
     - `loss(model, batch)` returns the mean loss of a micro-batch (it is what backward runs on).
     - `evaluate(model, batch)` returns metric SUMS over the batch plus a `count`; the trainer adds them up over
-      batches and ranks and divides by the count. Default: the loss, reported as `val_loss`.
+      batches and ranks and divides by the count. Default: the loss, reported as `val_loss`. A `perplexity`
+      sum is a sum of log-perplexities (losses): it is reported as exp of its mean.
     - `sample(model, generator)` optionally returns text written to `samples/` at each eval. It must draw
       random numbers only from `generator`, so evaluation never changes the training run's randomness.
     - `shape` holds the settings that decide the model's tensors; resuming with different ones is refused.
