@@ -30,7 +30,8 @@ from dtrain.checkpoint.layout import (BEST, LATEST, TRAINER_STATE, parse_step, r
                                       step_dir_name, step_dirs, temp_dir_name, verify_checkpoint, write_manifest,
                                       write_pointer)
 from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, best_checkpoint, checkpoints_to_delete
-from dtrain.checkpoint.snapshot import HostCopier, Snapshot, supports_snapshot, take_snapshot
+from dtrain.checkpoint.snapshot import HostCopier, Snapshot, supports_snapshot, take_snapshot, writes_like_save_state
+from dtrain.checkpoint.writer import TEXT, write_files
 from dtrain.distributed import all_ranks_ok, barrier, new_side_group
 from dtrain.errors import CheckpointError
 from dtrain.utils import fsync_path, remove_tree
@@ -72,6 +73,7 @@ class CheckpointManager:
         self._copier = HostCopier()
         self._in_flight: threading.Thread | None = None
         self._result: SaveReport | BaseException | None = None
+        self._written: dict = {}  # name -> size and sha256 of the files this rank wrote for the save in progress
         self.background_error: BaseException | None = None
         # Background threads agree over their own gloo group, never over the training loop's (TorchTitan does
         # the same): collectives of two threads on one group could interleave or deadlock.
@@ -188,16 +190,22 @@ class CheckpointManager:
         self._reached("temp_created")
 
     def _write_files(self, temp: Path, state: dict[str, Any], snapshot: Snapshot | None) -> None:
+        """Writes this rank's files in one pass (hashed while written, fsynced: the commit need not re-read
+        them) when a snapshot covers what save_state writes; otherwise through save_state itself."""
+        files: list[tuple[str, str, Any]] = []
+        if snapshot is None and writes_like_save_state(self.accelerator):
+            snapshot = take_snapshot(self.accelerator, None)  # references: the loop waits for this save
         if snapshot is None:
             self.accelerator.save_state(str(temp))
         else:
-            snapshot.write(temp)
+            files = snapshot.files()
         if self.is_main:
-            (temp / TRAINER_STATE).write_text(json.dumps(state, indent=1, default=str))
+            files.append((TRAINER_STATE, TEXT, json.dumps(state, indent=1, default=str)))
+        self._written = write_files(temp, files)
         self._reached("state_written")
 
     def _commit(self, temp: Path, step: int) -> dict[str, Any]:
-        total = write_manifest(temp, step)
+        total = write_manifest(temp, step, self._written)
         fsync_path(temp)
         self._reached("manifest_written")
         final = self.dir / step_dir_name(step)

@@ -3,11 +3,14 @@
 Taking the snapshot is the only part of an `--async-save` checkpoint that holds the training loop. Writing it
 produces the same files, with the same names and formats, as `save_state` (safetensors weights, torch.save'd
 optimizer/scheduler/scaler state, one `random_states_{rank}.pkl` per rank), so `Accelerator.load_state` loads it.
+A synchronous save uses the same listing without the copy (`take_snapshot(accelerator, None)`: references to the
+live state, which nothing changes while the loop waits), so both write through the one-pass writer.
 """
 
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import save as accelerate_save
+from accelerate.utils import clean_state_dict_for_safetensors
+
+from dtrain.checkpoint.writer import SAFETENSORS, TORCH, FileDigest, write_files
 
 
 def _numbered(name: str, ext: str, index: int) -> str:
@@ -63,18 +68,40 @@ class Snapshot:
     rng: dict[str, Any] = field(default_factory=dict)
     is_main: bool = False
 
-    def write(self, directory: Path) -> None:
-        """Writes the files `save_state` would write, from this process."""
+    def files(self) -> list[tuple[str, str, Any]]:
+        """(name, format, object) of the files `save_state` would write from this process."""
+        files = []
         if self.is_main:
             for i, state in enumerate(self.models):
-                accelerate_save(state, directory / _numbered("model", "safetensors", i), safe_serialization=True)
-            for i, state in enumerate(self.optimizers):
-                accelerate_save(state, directory / _numbered("optimizer", "bin", i), safe_serialization=False)
-            for i, state in enumerate(self.schedulers):
-                accelerate_save(state, directory / _numbered("scheduler", "bin", i), safe_serialization=False)
+                if isinstance(state, OrderedDict):  # what Accelerate's save does before safetensors
+                    state = clean_state_dict_for_safetensors(state)
+                files.append((_numbered("model", "safetensors", i), SAFETENSORS, state))
+            files += [(_numbered("optimizer", "bin", i), TORCH, state) for i, state in enumerate(self.optimizers)]
+            files += [(_numbered("scheduler", "bin", i), TORCH, state) for i, state in enumerate(self.schedulers)]
         if self.scaler is not None:
-            torch.save(self.scaler, directory / "scaler.pt")
-        torch.save(self.rng, directory / f"random_states_{self.process_index}.pkl")
+            files.append(("scaler.pt", TORCH, self.scaler))
+        files.append((f"random_states_{self.process_index}.pkl", TORCH, self.rng))
+        return files
+
+    def write(self, directory: Path) -> dict[str, FileDigest]:
+        """Writes the files `save_state` would write, from this process, in one pass (hashed while written,
+        fsynced); returns their sizes and sha256 for the manifest."""
+        return write_files(directory, self.files())
+
+
+class _NoCopy:
+    def copy(self, value: Any, key: tuple = ()) -> Any:
+        return value
+
+    def finish(self) -> None:
+        pass
+
+
+def writes_like_save_state(accelerator: Accelerator) -> bool:
+    """Whether a snapshot's files are all that `save_state` would write: no sharded state, and nothing that
+    only `save_state` knows how to save (its pre-hooks, prepared dataloaders, registered objects)."""
+    return (supports_snapshot(accelerator) and not accelerator._save_model_state_pre_hook  # noqa: SLF001
+            and not accelerator._dataloaders and not accelerator._custom_objects)  # noqa: SLF001
 
 
 def supports_snapshot(accelerator: Accelerator) -> bool:
@@ -83,8 +110,11 @@ def supports_snapshot(accelerator: Accelerator) -> bool:
                                                      "FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
-def take_snapshot(accelerator: Accelerator, copier: HostCopier) -> Snapshot:
-    """Copies model, optimizer, scheduler, scaler and RNG state to host memory (call on every rank)."""
+def take_snapshot(accelerator: Accelerator, copier: HostCopier | None) -> Snapshot:
+    """Copies model, optimizer, scheduler, scaler and RNG state to host memory (call on every rank).
+    Without a copier it holds references to the live state instead: for a save that writes before training goes on."""
+    if copier is None:
+        copier = _NoCopy()
     snap = Snapshot(process_index=accelerator.process_index, is_main=accelerator.is_main_process)
     models = [accelerator.get_state_dict(m, unwrap=False) for m in accelerator._models]  # noqa: SLF001
     if snap.is_main:
