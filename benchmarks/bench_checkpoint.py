@@ -11,9 +11,10 @@ in a rotating order, each side writes the full state once into a fresh directory
   plain save + fsync     the same, then fsync of the files and the directory (the same durability as dtrain)
   disk write + fsync     one file of the same size from a bytes buffer, write + fsync: the disk's bandwidth
   dtrain async commit    only when CheckpointManager takes `async_save`: the seconds the caller is held by
-                         save() (timed around the call), then training steps until the background save is
-                         committed, then as many steps with nothing in flight: their difference is how much
-                         the background writer slowed the loop down
+                         save() (timed around the call) plus any wait for the snapshot's copy before the next
+                         optimizer step, then training steps until the background save is committed, then as
+                         many steps with nothing in flight: their difference is how much the background writer
+                         slowed the loop down
 
 Before every measurement the previous side's files are deleted and `os.sync()` flushes dirty pages, outside
 the timed region, so no side pays for another side's write-back. Figures are medians over the rounds.
@@ -29,9 +30,9 @@ The ceiling: if the disk's write-back overlapped the serialisation perfectly, a 
 returns would still take the disk's time, so no durable save can beat min(1, disk MB/s / plain save MB/s) here.
 
 Checkpoint overhead on training: the same model trains `overhead_steps` steps (batch 16) three ways, alternating:
-never saving, saving every 20 steps with async_save, and saving every 20 steps synchronously (each save goes
-through CheckpointManager.save, the loop polls for finished background saves after every step as the Trainer
-does, and the run's time includes waiting for the last save to commit):
+never saving, saving every 20 steps (at steps 10, 30, 50, ...) with async_save, and the same synchronously (each
+save goes through CheckpointManager.save, the loop calls before_optimizer_step and polls for finished background
+saves as the Trainer does, and the run's time includes waiting for the last save to commit):
 
     checkpoint_overhead_ratio      = median steps/s saving every 20 steps (async) / median steps/s never saving
     checkpoint_overhead_sync_ratio = the same with synchronous saves (printed beside it)
@@ -52,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _util  # noqa: E402  (puts the repository on sys.path)
 
 FULL = dict(width=2048, layers=3, repeats=9,  # 12.6M parameters: 50 MB of weights + 100 MB of AdamW moments
-            overhead_steps=80, overhead_repeats=3)
+            overhead_steps=60, overhead_repeats=3)
 QUICK = dict(width=256, layers=2, repeats=2, overhead_steps=20, overhead_repeats=1)
 SAVE_EVERY = 20
 MB = 1e6
@@ -159,7 +160,12 @@ class Sides:
             self.train_step()
         _util.synchronize(self.device)
         alone = time.perf_counter() - alone_started
-        return {"seconds": held, "bytes": final.bytes, "reported_blocking": report.blocking_seconds,
+        # The parameters and optimizer state are copied during the next step; if that copy was not done when
+        # the step reached optimizer.step(), the loop waited for it: that wait holds the loop too.
+        waited_before_step = max(0.0, final.blocking_seconds - report.blocking_seconds)
+        held += waited_before_step
+        return {"seconds": held, "bytes": final.bytes, "reported_blocking": final.blocking_seconds,
+                "waited_before_step": waited_before_step,
                 "total_seconds": final.total_seconds, "until_committed": until_committed, "steps_during_save": steps,
                 "slowdown": with_save - alone if steps else None}
 
@@ -182,7 +188,8 @@ class Sides:
             if manager is not None:
                 if hasattr(manager, "poll"):
                     manager.poll()
-                if step % SAVE_EVERY == 0:
+                if step % SAVE_EVERY == SAVE_EVERY // 2:  # steps 10, 30, 50, ...: one save per 20 steps, and
+                    # the last one has 10 steps to finish in the background, as in a run that goes on
                     self.step += 1
                     manager.save(self.step, self.trainer_state(), None)
         if manager is not None and hasattr(manager, "wait"):
@@ -323,8 +330,10 @@ def main(argv: list[str] | None = None) -> dict:
         effective_ratio = _util.ratio(held + max(slowdown or 0.0, 0.0), sync_held)
         async_rows = [
             ["sync save(): loop held", sync_held, "", ""],
-            ["async save(): loop held (measured around the call)", held,
+            ["async save(): loop held (around the call + wait before next step)", held,
              _util.spread([r["seconds"] for r in runs["dtrain async commit"]]), async_ratio],
+            ["  of which waited before the next optimizer step", med("dtrain async commit", "waited_before_step"),
+             "", ""],
             ["  its SaveReport.blocking_seconds", med("dtrain async commit", "reported_blocking"), "", ""],
             ["  committed after (SaveReport.total_seconds)", med("dtrain async commit", "total_seconds"), "", ""],
             [f"  training slowed down meanwhile ({_util.fmt(med('dtrain async commit', 'steps_during_save'))} steps)",

@@ -72,6 +72,7 @@ class CheckpointManager:
             logger.warning(f"--async-save is not supported with {accelerator.distributed_type}: saving synchronously")
         self._copier = HostCopier()
         self._in_flight: threading.Thread | None = None
+        self._copied: threading.Event | None = None  # set once an async save's deferred copy is done
         self._result: SaveReport | BaseException | None = None
         self._written: dict = {}  # name -> size and sha256 of the files this rank wrote for the save in progress
         self.background_error: BaseException | None = None
@@ -125,14 +126,29 @@ class CheckpointManager:
         if not self.async_save:
             self._on_all_ranks(step, temp, lambda: self._write_files(temp, state, None))
             return self._commit_and_prune(step, temp, started, blocking=None)
-        snapshot = take_snapshot(self.accelerator, self._copier)
+        # Parameters and optimizer state are copied by the background thread while the loop runs the next
+        # forward/backward; before_optimizer_step() holds the loop only if that copy is not done by then.
+        snapshot = take_snapshot(self.accelerator, self._copier, defer=True)
         self.last_saved_step = step
         timing = self._timing = {"started": started}
+        self._copied = threading.Event()
         self._in_flight = threading.Thread(target=self._commit_in_background, name="dtrain-async-save",
-                                           args=(step, temp, state, snapshot, timing), daemon=True)
+                                           args=(step, temp, state, snapshot, timing, self._copied), daemon=True)
         self._in_flight.start()
         timing["blocking"] = time.perf_counter() - started  # after start(): the thread's launch holds us too
         return SaveReport(step, self.dir / step_dir_name(step), 0, timing["blocking"], float("nan"))
+
+    def before_optimizer_step(self) -> None:
+        """Call right before every optimizer.step(): waits until an async save's copy of the parameters and
+        optimizer state is complete (usually it long is), so the step cannot change them under it."""
+        copied = self._copied
+        if copied is None:
+            return
+        started = time.perf_counter()
+        while not copied.wait(0.1):  # short waits keep signal handlers responsive
+            pass
+        self._copied = None
+        self._timing["blocking"] += time.perf_counter() - started  # the loop was held for the save
 
     def poll(self) -> SaveReport | None:
         """The report of a background save that has finished since the last call (non-blocking), else None.
@@ -161,9 +177,16 @@ class CheckpointManager:
         return result
 
     def _commit_in_background(self, step: int, temp: Path, state: dict[str, Any], snapshot: Snapshot,
-                              timing: dict[str, float]) -> None:
+                              timing: dict[str, float], copied: threading.Event) -> None:
+        def copy_and_write() -> None:
+            try:
+                self._copier.copy_deferred()
+            finally:
+                copied.set()  # also on failure: the loop must not wait forever (the error comes with the report)
+            self._write_files(temp, state, snapshot)
+
         try:
-            self._on_all_ranks(step, temp, lambda: self._write_files(temp, state, snapshot), self._side_group)
+            self._on_all_ranks(step, temp, copy_and_write, self._side_group)
             self._result = self._commit_and_prune(step, temp, timing["started"], 0.0, self._side_group)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self._result = exc

@@ -33,6 +33,11 @@ class HostCopier:
     def __init__(self):
         self._buffers: dict[tuple, torch.Tensor] = {}
         self._pending_cuda = False
+        # Storages whose copy may wait until `copy_deferred` (see take_snapshot(defer=True)), and those copies.
+        self.defer_storages: set[int] = set()
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ready: torch.cuda.Event | None = None  # the GPU work that produced the deferred sources
+        self._stream: torch.cuda.Stream | None = None
 
     def copy(self, value: Any, key: tuple = ()) -> Any:
         if isinstance(value, torch.Tensor):
@@ -43,8 +48,11 @@ class HostCopier:
             if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
                 buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=on_gpu)
                 self._buffers[key] = buffer
-            buffer.copy_(value.detach(), non_blocking=on_gpu)
-            self._pending_cuda |= on_gpu
+            if value.untyped_storage().data_ptr() in self.defer_storages:
+                self._deferred.append((buffer, value.detach()))
+            else:
+                buffer.copy_(value.detach(), non_blocking=on_gpu)
+                self._pending_cuda |= on_gpu
             return buffer
         if isinstance(value, dict):
             return {k: self.copy(v, (*key, k)) for k, v in value.items()}
@@ -56,6 +64,25 @@ class HostCopier:
         if self._pending_cuda:
             torch.cuda.synchronize()
             self._pending_cuda = False
+        if any(source.is_cuda for _, source in self._deferred):
+            self._ready = torch.cuda.Event()
+            self._ready.record()  # on the training stream, after the step that produced the sources
+
+    def copy_deferred(self) -> None:
+        """Makes the copies `copy` left for later and waits for them (GPU ones run on a side stream into pinned
+        buffers, so the training stream goes on meanwhile)."""
+        deferred, self._deferred = self._deferred, []
+        on_gpu = [(buffer, source) for buffer, source in deferred if source.is_cuda]
+        for buffer, source in deferred:
+            if not source.is_cuda:
+                buffer.copy_(source)
+        if on_gpu:
+            self._stream = self._stream or torch.cuda.Stream()
+            self._stream.wait_event(self._ready)
+            with torch.cuda.stream(self._stream):
+                for buffer, source in on_gpu:
+                    buffer.copy_(source, non_blocking=True)
+            self._stream.synchronize()
 
 
 @dataclass
@@ -90,6 +117,8 @@ class Snapshot:
 
 
 class _NoCopy:
+    defer_storages: set[int] = set()
+
     def copy(self, value: Any, key: tuple = ()) -> Any:
         return value
 
@@ -110,11 +139,34 @@ def supports_snapshot(accelerator: Accelerator) -> bool:
                                                      "FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
-def take_snapshot(accelerator: Accelerator, copier: HostCopier | None) -> Snapshot:
+def take_snapshot(accelerator: Accelerator, copier: HostCopier | None, defer: bool = False) -> Snapshot:
     """Copies model, optimizer, scheduler, scaler and RNG state to host memory (call on every rank).
-    Without a copier it holds references to the live state instead: for a save that writes before training goes on."""
+    Without a copier it holds references to the live state instead: for a save that writes before training goes on.
+
+    With `defer`, parameters and optimizer state - which only `optimizer.step()` changes - are copied later, by
+    `copier.copy_deferred()`, which must finish before the next optimizer step; everything else (buffers, which
+    a forward pass may change, scheduler, scaler, RNG) is copied now.
+    """
     if copier is None:
         copier = _NoCopy()
+    elif defer:
+        copier.defer_storages = _storages_changed_only_by_optimizer_steps(accelerator)
+    try:
+        snap = _take(accelerator, copier)
+    finally:
+        copier.defer_storages = set()
+    return snap
+
+
+def _storages_changed_only_by_optimizer_steps(accelerator: Accelerator) -> set[int]:
+    storages = {p.untyped_storage().data_ptr() for m in accelerator._models for p in m.parameters()}  # noqa: SLF001
+    for optimizer in accelerator._optimizers:  # noqa: SLF001
+        for state in optimizer.state.values():
+            storages |= {v.untyped_storage().data_ptr() for v in state.values() if isinstance(v, torch.Tensor)}
+    return storages
+
+
+def _take(accelerator: Accelerator, copier) -> Snapshot:
     snap = Snapshot(process_index=accelerator.process_index, is_main=accelerator.is_main_process)
     models = [accelerator.get_state_dict(m, unwrap=False) for m in accelerator._models]  # noqa: SLF001
     if snap.is_main:
