@@ -127,10 +127,12 @@ class _NoCopy:
 
 
 def writes_like_save_state(accelerator: Accelerator) -> bool:
-    """Whether a snapshot's files are all that `save_state` would write: no sharded state, and nothing that
-    only `save_state` knows how to save (its pre-hooks, prepared dataloaders, registered objects)."""
+    """Whether a snapshot's files are all that `save_state` would write: no sharded state, nothing that only
+    `save_state` knows how to save (its pre-hooks, prepared dataloaders, registered objects), and the main
+    process alone writes the weights (no `save_on_each_node`)."""
     return (supports_snapshot(accelerator) and not accelerator._save_model_state_pre_hook  # noqa: SLF001
-            and not accelerator._dataloaders and not accelerator._custom_objects)  # noqa: SLF001
+            and not accelerator._dataloaders and not accelerator._custom_objects  # noqa: SLF001
+            and not accelerator.project_configuration.save_on_each_node)
 
 
 def supports_snapshot(accelerator: Accelerator) -> bool:
