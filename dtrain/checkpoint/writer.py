@@ -2,10 +2,10 @@
 
 A durable checkpoint costs at least the disk's time for its bytes. Writing with `save_file`/`torch.save`, then
 re-reading every file to hash it, then fsyncing adds the serialisation, the hashing and the write-back one after
-the other. Here each chunk of serialised bytes is hashed as it is written, the kernel is asked to start writing
-it back to disk right away (`sync_file_range`, where Linux has it), and each finished file is fsynced on a
-helper thread while the next one is serialised, so the cost approaches the larger of "serialise and hash" and
-"disk" rather than their sum.
+the other. Here each chunk of serialised bytes is hashed on a helper thread while it is written, the kernel is
+asked to start writing it back to disk right away (`sync_file_range`, where Linux has it), and each finished
+file is fsynced on a helper thread while the next one is serialised, so the cost approaches the largest of
+"serialise", "hash" and "disk" rather than their sum.
 
 The files are the ones `Accelerator.save_state` writes, in the same formats: safetensors for model weights
 (`safetensors.torch.save_file` with the metadata Accelerate's `save` gives it), `torch.save` for the rest.
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 CHUNK = 8 << 20  # hash/write/flush granularity: large enough for syscalls to be cheap, small enough to pipeline
+HASH_ON_HELPER = 1 << 20  # smaller chunks are hashed inline: a thread hand-off would cost more than it overlaps
 
 SAFETENSORS = "safetensors"
 TORCH = "torch"
@@ -54,18 +55,17 @@ _SYNC_FILE_RANGE_WRITE = 2
 class HashingFile:
     """A write-only file object that hashes what passes through it and starts its write-back early.
 
-    `torch.save` writes its records through `write()` (memoryviews of the tensors' own memory). Each chunk is
-    hashed and then written by the calling thread: measured on a busy 2-core machine, handing the hash of each
-    chunk to a helper thread was slower than hashing inline, and on an idle one the disk is the bound either way.
-    Write-back requests and the final fsync go to `flusher` (one thread, in order), because asking the kernel to
-    write back can block while the disk's queue is full.
+    `torch.save` writes its records through `write()` (memoryviews of the tensors' own memory, valid only during
+    the call), so each large chunk is hashed on `hasher` while this thread writes it, and both finish before the
+    next chunk. Write-back requests and the final fsync go to `flusher` (one thread, in order), because asking
+    the kernel to write back can block while the disk's queue is full.
     """
 
-    def __init__(self, path: Path, flusher: ThreadPoolExecutor):
+    def __init__(self, path: Path, hasher: ThreadPoolExecutor, flusher: ThreadPoolExecutor):
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._sha = hashlib.sha256()
-        self._flusher = flusher
+        self._hasher, self._flusher = hasher, flusher
         self.size = 0
         self._flushed_to = 0  # write-back has been asked for up to this offset
 
@@ -74,10 +74,16 @@ class HashingFile:
         total = view.nbytes
         for start in range(0, total, CHUNK):
             chunk = view[start:start + CHUNK]
-            self._sha.update(chunk)
+            hashing: Future | None = None
+            if chunk.nbytes >= HASH_ON_HELPER:
+                hashing = self._hasher.submit(self._sha.update, chunk)  # hashlib releases the GIL
+            else:
+                self._sha.update(chunk)
             written = 0
             while written < chunk.nbytes:
                 written += os.write(self._fd, chunk[written:])
+            if hashing is not None:
+                hashing.result()
             self.size += chunk.nbytes
             if _sync_file_range is not None and self.size - self._flushed_to >= CHUNK:
                 self._flusher.submit(_sync_file_range, self._fd, self._flushed_to, self.size - self._flushed_to,
@@ -133,7 +139,7 @@ def write_files(directory: Path, files: Iterable[tuple[str, str, Any]]) -> dict[
     """
     directory = Path(directory)
     digests: dict[str, FileDigest] = {}
-    with ThreadPoolExecutor(1, thread_name_prefix="dtrain-hash") as hasher, \
+    with ThreadPoolExecutor(2, thread_name_prefix="dtrain-hash") as hasher, \
             ThreadPoolExecutor(1, thread_name_prefix="dtrain-flush") as flusher:
         pending: dict[str, Future] = {}
         try:
@@ -145,7 +151,7 @@ def write_files(directory: Path, files: Iterable[tuple[str, str, Any]]) -> dict[
                     save_file(obj, str(path), metadata={"format": "pt"})  # what Accelerate's save calls
                     pending[name] = hasher.submit(_digest_and_sync, path)
                     continue
-                file = HashingFile(path, flusher)
+                file = HashingFile(path, hasher, flusher)
                 try:
                     if fmt == TORCH:
                         import torch
