@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _util  # noqa: E402  (puts the repository on sys.path)
 
-FULL = dict(width=1024, layers=3, save_every=200, duration=120.0, clean_seconds=15.0, kill_every=(20.0, 30.0),
+FULL = dict(width=1024, layers=3, save_every=50, duration=120.0, clean_seconds=15.0, kill_every=(20.0, 30.0),
             aim_patience=8.0)
 QUICK = dict(width=256, layers=2, save_every=100, duration=16.0, clean_seconds=3.0, kill_every=(7.0, 8.5),
              aim_patience=2.0)  # checks that the harness works; start-up alone takes seconds, so the figures mean little
