@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from dtrain.checkpoint import CheckpointManager
-from dtrain.checkpoint.layout import MANIFEST, verify_checkpoint
+from dtrain.checkpoint.layout import MANIFEST, TRAINER_STATE, verify_checkpoint
 from dtrain.checkpoint.snapshot import HostCopier
 
 STATE = {"global_step": 2, "epoch": 0}
@@ -42,7 +42,8 @@ def _step(accelerator, model, optimizer, scheduler, data):
 
 
 def _files(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name != MANIFEST}
+    """What save_state writes (trainer_state.json is dtrain's own record: each manager has its own run id)."""
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.name not in (MANIFEST, TRAINER_STATE)}
 
 
 @pytest.fixture
