@@ -32,3 +32,12 @@ def new_side_group():
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def gather_objects(value, group=None) -> list:
+    """Every rank's `value` (small and picklable), in rank order, on every rank; `[value]` in one process."""
+    if not is_distributed():
+        return [value]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out

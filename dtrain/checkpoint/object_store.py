@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -60,6 +61,9 @@ def open_filesystem(uri: str):
     except ValueError as exc:
         raise UsageError(f"invalid value for checkpoint_dir: {uri!r}; accepted: a directory or a URI such as "
                          f"s3://bucket/prefix ({exc})") from None
+    for chatty in ("botocore", "aiobotocore", "s3fs"):  # "found credentials in ..." at INFO, once per process
+        if logging.getLogger(chatty).level == logging.NOTSET:
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     return fs, root.rstrip("/")
 
 
