@@ -21,13 +21,12 @@ from dtrain.errors import UsageError
 def evaluate_checkpoint(checkpoint: Path, max_batches: int = 0, batch_size: int | None = None,
                         data: str | None = None) -> dict[str, Any]:
     import torch
-    from safetensors.torch import load_file
     from torch.utils.data import DataLoader
 
     from dtrain.config import config_from_dict
-    from dtrain.resume import check_tensors_fit
     from dtrain.tasks import build_task
     from dtrain.tasks.base import evaluation_sums, metrics_from_sums
+    from dtrain.weights import load_weights
 
     state = read_trainer_state(checkpoint)
     if not isinstance(state.get("config"), dict):
@@ -42,8 +41,7 @@ def evaluate_checkpoint(checkpoint: Path, max_batches: int = 0, batch_size: int 
     if not weights.is_file():
         raise UsageError(f"{checkpoint} has no model.safetensors (sharded checkpoints are not supported by eval)")
     model = task.model
-    check_tensors_fit(checkpoint, model)
-    model.load_state_dict(load_file(str(weights)))
+    load_weights(model, weights)  # tied weights stay tied
     model.eval()
     loader = DataLoader(task.eval_data, batch_size=batch_size or config.train.batch_size, shuffle=False,
                         collate_fn=task.collate_fn)

@@ -3,6 +3,9 @@
 The file's metadata carries what is needed to use it without the run: the config (JSON), the step and epoch,
 the task and the source checkpoint. `load_exported(path)` rebuilds the task's model from that config and loads
 the weights; `safetensors.torch.load_file(path)` reads the plain tensors.
+
+Tied weights are stored once, under the name the checkpoint holds (see dtrain/weights.py):
+`safetensors.torch.load_model(model, path)` and `load_exported` fill the shared tensor and keep the tie.
 """
 
 from __future__ import annotations
@@ -67,17 +70,16 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
 
 def load_exported(path: str | Path):
     """Rebuilds the task's model from the exported config and loads the weights. Returns (model, config)."""
-    from safetensors.torch import load_file
-
     from dtrain.config import config_from_dict
     from dtrain.tasks import build_task
+    from dtrain.weights import load_weights
 
     metadata = read_export_metadata(path)
     if metadata.get("format") != EXPORT_FORMAT:
         raise UsageError(f"{path} is not a dtrain export (its metadata has no format {EXPORT_FORMAT!r})")
     config = config_from_dict(json.loads(metadata["config"]))
     model = build_task(config.task, config.train.seed).model
-    model.load_state_dict(load_file(str(path)))  # cast to the model's dtype by load_state_dict
+    load_weights(model, path)  # ties intact; cast to the model's dtype
     return model, config
 
 

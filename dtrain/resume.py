@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from accelerate.logging import get_logger
-from safetensors import safe_open
 
 from dtrain.checkpoint.layout import read_trainer_state
 from dtrain.config import Config
@@ -50,33 +49,32 @@ def check_compatible(saved: dict[str, Any], task, config: Config, model, path: P
 
 
 def check_tensors_fit(path: Path, model, weights: Path | None = None) -> None:
-    """Compares the saved weights' names and shapes with the model's, naming the first mismatches."""
+    """Compares the saved weights' names and shapes with the model's (tied names count as one tensor), naming
+    the first real mismatches."""
+    from dtrain.weights import check_fits
+
     weights = weights or path / "model.safetensors"
     if not weights.exists():
         return  # sharded (FSDP) layouts are checked by Accelerate itself
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    with safe_open(str(weights), framework="pt") as f:
-        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    problems = [f"{k}: checkpoint {saved[k]} vs model {expected[k]}" for k in expected
-                if k in saved and saved[k] != expected[k]]
-    problems += [f"{k}: missing in the checkpoint" for k in expected if k not in saved]
-    problems += [f"{k}: not in the model" for k in saved if k not in expected]
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UsageError(f"{weights} does not fit the model: {'; '.join(problems[:3])}{more}")
+    fit = check_fits(weights, model)
+    if fit.duplicated:
+        # Accelerate's load_state (safetensors' load_model, strict) refuses a tied tensor saved twice.
+        names = "; ".join(" and ".join(group) for group in fit.duplicated)
+        raise UsageError(f"{weights} holds tied tensors under several names ({names}), which Accelerate's "
+                         f"load_state refuses (an --async-save checkpoint of an older dtrain); start from its "
+                         f"weights with --init-from {path} instead")
 
 
 def load_initial_weights(model, source: str) -> None:
     """`--init-from`: a fresh run that starts from another run's weights (optimizer and steps start anew)."""
-    from safetensors.torch import load_file
+    from dtrain.weights import load_weights
 
     path = Path(source)
     weights = path / "model.safetensors" if path.is_dir() else path
     if not weights.is_file():
         raise UsageError(f"invalid value for init_from: {source!r}; accepted: a checkpoint directory "
                          f"holding model.safetensors, or a .safetensors file")
-    check_tensors_fit(weights.parent, model, weights)
-    model.load_state_dict(load_file(str(weights)))
+    load_weights(model, weights)
 
 
 def _flatten(config_dict: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ optimizer/scheduler/scaler state, one `random_states_{rank}.pkl` per rank), so `
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,29 +24,64 @@ def _numbered(name: str, ext: str, index: int) -> str:
 
 
 class HostCopier:
-    """Copies tensors to host memory, into buffers reused between snapshots (pinned ones for GPU tensors)."""
+    """Copies tensors to host memory, into buffers reused between snapshots (pinned ones for GPU tensors).
+
+    Tensors that share a storage (tied weights: `lm_head.weight is transformer.wte.weight`) share one host
+    storage in the copy, with their own offsets and strides: aliases stay aliases, so the safetensors write
+    drops the same names as `save_state` does (Accelerate keeps the first name of each storage) and
+    `torch.save` keeps the same sharing in the optimizer state.
+    """
 
     def __init__(self):
-        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._storages: dict[tuple, torch.Tensor] = {}  # host bytes, by the key of the first tensor on them
         self._pending_cuda = False
 
     def copy(self, value: Any, key: tuple = ()) -> Any:
+        """A host copy of `value` (tensors, possibly nested in dicts, lists and tuples; other values as they are)."""
+        return self._copy(value, key, {})
+
+    def _copy(self, value: Any, key: tuple, copied: dict[tuple, tuple]) -> Any:
+        if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+            return value.detach().to("cpu", copy=True)  # sparse tensors have no storage to share
         if isinstance(value, torch.Tensor):
-            # Buffers are reused from one snapshot to the next (allocation is much of a copy's cost); safe
-            # because a new save first waits until the previous one is written.
-            on_gpu = value.device.type != "cpu"
-            buffer = self._buffers.get(key)
-            if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-                buffer = torch.empty(value.shape, dtype=value.dtype, device="cpu", pin_memory=on_gpu)
-                self._buffers[key] = buffer
-            buffer.copy_(value.detach(), non_blocking=on_gpu)
-            self._pending_cuda |= on_gpu
-            return buffer
+            return self._copy_tensor(value.detach(), key, copied)
         if isinstance(value, dict):
-            return {k: self.copy(v, (*key, k)) for k, v in value.items()}
+            items = {k: self._copy(v, (*key, k), copied) for k, v in value.items()}
+            # A model's state_dict stays an OrderedDict: Accelerate's `save` drops aliased names only from those.
+            return OrderedDict(items) if isinstance(value, OrderedDict) else items
         if isinstance(value, (list, tuple)):
-            return type(value)(self.copy(v, (*key, i)) for i, v in enumerate(value))
+            return type(value)(self._copy(v, (*key, i), copied) for i, v in enumerate(value))
         return value
+
+    def _copy_tensor(self, tensor: torch.Tensor, key: tuple, copied: dict[tuple, tuple]) -> torch.Tensor:
+        on_gpu = tensor.device.type != "cpu"
+        storage = tensor.untyped_storage()
+        storage_id = (tensor.device, storage.data_ptr(), storage.nbytes())
+        layout = (tensor.dtype, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if storage.data_ptr() == 0 or storage.nbytes() == 0:
+            storage_id = ("unshared", key)  # empty tensors all sit at the null address without sharing it
+        if storage_id in copied:
+            host_bytes, views = copied[storage_id]
+            if layout in views:
+                return views[layout]  # the same tensor under another name: one copy, one host tensor
+        else:
+            host_bytes, views = self._host_bytes(key, storage.nbytes(), on_gpu), {}
+            copied[storage_id] = (host_bytes, views)
+        view = torch.empty(0, dtype=tensor.dtype).set_(host_bytes.untyped_storage(), tensor.storage_offset(),
+                                                       tensor.shape, tensor.stride())
+        view.copy_(tensor, non_blocking=on_gpu)
+        self._pending_cuda |= on_gpu
+        views[layout] = view
+        return view
+
+    def _host_bytes(self, key: tuple, nbytes: int, pinned: bool) -> torch.Tensor:
+        # Buffers are reused from one snapshot to the next (allocation is much of a copy's cost); safe
+        # because a new save first waits until the previous one is written.
+        buffer = self._storages.get(key)
+        if buffer is None or buffer.numel() != nbytes:
+            buffer = torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=pinned)
+            self._storages[key] = buffer
+        return buffer
 
     def finish(self) -> None:
         if self._pending_cuda:
