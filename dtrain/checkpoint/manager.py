@@ -42,6 +42,7 @@ from dtrain import rng
 from dtrain.checkpoint.layout import (BEST, LATEST, TRAINER_STATE, parse_step, read_trainer_state,
                                       step_dir_name, temp_dir_name, write_manifest)
 from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, best_checkpoint, checkpoints_to_delete
+from dtrain.checkpoint.object_store import is_uri, local_path
 from dtrain.checkpoint.snapshot import HostCopier, Snapshot, supports_snapshot, take_snapshot
 from dtrain.checkpoint.storage import CheckpointLocation, open_storage, split_checkpoint_uri
 from dtrain.distributed import all_ranks_ok, barrier, gather_objects, new_side_group
@@ -317,8 +318,8 @@ class CheckpointManager:
         """A checkpoint as a local directory that every rank can load from (call on every rank): a directory as
         it is; an object-store checkpoint downloaded by each node's first process into its staging dir (only the
         files its ranks need), every file's sha256 checked against the manifest. Raises UsageError."""
-        if isinstance(location, Path):
-            return location
+        if not is_uri(location):
+            return local_path(location)
         store, name = split_checkpoint_uri(location)
         acc = self.accelerator
         node = acc.process_index - acc.local_process_index  # the first rank of this node names its copy
