@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 import sys
+import time
+import traceback
 from typing import Any, Callable
 
 from dtrain.errors import CheckpointError, Interrupted, UsageError
@@ -20,37 +22,105 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def run_main(action: Callable[[], Any]) -> int:
-    """Runs a command and maps its outcome to CONTRACT exit codes (0, 1, 2, 128+N)."""
+def run_main(action: Callable[[], Any], on_exit: Callable[[int], None] | None = None) -> int:
+    """Runs a command and maps its outcome to exit codes (0, 1, 2, 128+N); `on_exit(code)` runs last, on
+    every path (an unexpected exception counts as 1).
+
+    Leaving never waits without a bound: the ranks meet once more at a barrier of at most
+    `exit_barrier_seconds()` (only when all of them are known to end here together); a rank that cannot
+    confirm its peers leaves at once with `os._exit`, since tearing down a group with a pending collective, or
+    the interpreter's own shutdown, could wait for a peer that will never answer.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file INFO lines drown ours
     every_rank_here = False  # True when all ranks are known to end here together (finished, agreed interrupt)
+    code = 1
     try:
         action()
-        every_rank_here = True
-        return 0
+        every_rank_here, code = True, 0
     except UsageError as exc:
         if is_rank_zero():
             print(f"dtrain: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except CheckpointError as exc:
         print(f"dtrain: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except Interrupted as exc:
-        every_rank_here = True
-        return exc.exit_code
+        every_rank_here, code = True, exc.exit_code
+    except Exception as exc:
+        if not _in_process_group():
+            raise  # a single process: the interpreter prints the traceback and exits 1
+        # In a group the traceback is printed here, because leaving may have to skip the interpreter's exit.
+        traceback.print_exc()
+        if _is_lost_peer(exc):
+            first_line = (str(exc).splitlines() or [""])[0][:300]
+            print(f"dtrain: error: rank {os.environ.get('RANK', '?')} lost contact with another rank "
+                  f"({type(exc).__name__}: {first_line}); stopping without saving: committed checkpoints are "
+                  f"intact, resume with --resume latest", file=sys.stderr)
     finally:
-        _close_process_group(every_rank_here)
+        if on_exit is not None:
+            on_exit(code)  # before leaving: a rank whose peer is gone leaves with os._exit below
+        if not _close_process_group(every_rank_here):
+            _leave_now(code)
+    return code
 
 
-def _close_process_group(every_rank_here: bool) -> None:
-    if "torch.distributed" not in sys.modules:  # never imported: nothing to close, and no import cost
-        return
+def _in_process_group() -> bool:
+    if "torch.distributed" not in sys.modules:  # never imported: no group, and no import cost
+        return False
+    from dtrain.distributed import is_distributed
+
+    return is_distributed()
+
+
+def _is_lost_peer(exc: BaseException) -> bool:
+    from dtrain.distributed import is_lost_peer
+
+    return is_lost_peer(exc)
+
+
+def _close_process_group(every_rank_here: bool) -> bool:
+    """Tears the process group down; False when a peer may be gone and this process should leave at once."""
+    if "torch.distributed" not in sys.modules:
+        return True
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        if every_rank_here:
-            # Nobody tears the group down while a peer may still be talking to it (a gloo rank whose peer
-            # closed its sockets first was seen to abort at exit). Skipped after errors: a barrier could hang.
-            dist.barrier()
-        dist.destroy_process_group()
+    from dtrain.distributed import bounded_barrier, exit_barrier_seconds, is_distributed
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    if is_distributed():
+        # After an error a peer may be anywhere (in a training collective, or gone): a barrier could pair
+        # with another collective, so skip it and leave without a teardown that might wait for that peer.
+        if not every_rank_here:
+            return False
+        _fault_before_exit_barrier()
+        # Nobody tears the group down while a peer may still be talking to it (a gloo rank whose peer closed
+        # its sockets first was seen to abort at exit); a peer that does not come within the bound is gone.
+        if not bounded_barrier(exit_barrier_seconds()):
+            print(f"dtrain: rank {dist.get_rank()}: another rank did not reach the end within "
+                  f"{exit_barrier_seconds():.0f}s; leaving without waiting for it", file=sys.stderr)
+            return False
+    dist.destroy_process_group()
+    return True
+
+
+def _fault_before_exit_barrier() -> None:
+    """Fault injection for tests: DTRAIN_FAULT_AT=exit_barrier:sleep=S holds this rank (only rank
+    DTRAIN_FAULT_RANK, if set) S seconds before the exit barrier, like a peer that hangs or whose node vanished."""
+    fault = os.environ.get("DTRAIN_FAULT_AT", "")
+    rank = os.environ.get("DTRAIN_FAULT_RANK")
+    if fault.startswith("exit_barrier:sleep=") and rank in (None, os.environ.get("RANK", "0")):
+        time.sleep(float(fault.split("=", 1)[1]))
+
+
+def _leave_now(code: int) -> None:
+    """Exits with `code` without the interpreter's shutdown, which can block on a process group whose peer is
+    gone. Output is flushed first; the run lock is an flock that the kernel drops with the process."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -71,6 +71,9 @@ class TrainConfig:
     device: str = field(default="auto", **_opt("where to train; auto: the launcher's --cpu, else cuda if "
                                                "available, else cpu", ("auto", "cpu", "cuda")))
     num_workers: int = field(default=0, **_opt("DataLoader worker processes"))
+    collective_timeout_seconds: float = field(default=600.0, **_opt(
+        "how long a rank waits for the others in a collective (the exit barrier: at most 30 s) before it "
+        "fails with an error: a dead or hung peer costs this long, never more"))
 
     def validate(self) -> None:
         _check(self.epochs >= 0, "epochs", self.epochs, "an integer >= 0")
@@ -85,6 +88,8 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a number >= 0")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        _check(1 <= self.collective_timeout_seconds <= 86400, "collective_timeout_seconds",
+               self.collective_timeout_seconds, "a number of seconds from 1 to 86400")
 
 
 @dataclass

@@ -4,6 +4,12 @@ A handler never saves, logs or talks to other ranks (Lightning users hit deadloc
 The training loop asks `agree()` at step boundaries; it is one all-reduce, so every rank stops after the
 same optimizer step even when only one of them received the signal.
 
+When the launcher dies (SIGKILL, the OOM killer), nobody forwards a signal: a thread that watches the parent
+pid turns its death into a SIGTERM of this process, so the ranks agree, save and exit as on any SIGTERM. Nobody
+would SIGKILL a rank that cannot finish that either (a peer is gone or hangs), so the watcher enforces the
+launcher's grace period itself: `exit_grace_seconds` after the launcher's death the process exits (code 1)
+without waiting further; an unfinished save stays a `.tmp-` directory, removed at the next start.
+
 A second Ctrl+C aborts at once, without saving. Signals that arrive within `abort_window` seconds of the
 first one are the same request (a terminal's Ctrl+C reaches the launcher and every rank, and torchrun then
 forwards a signal of its own), so only a deliberate second press aborts.
@@ -29,10 +35,12 @@ def launched_by_launcher() -> bool:
 
 
 class InterruptHandler:
-    def __init__(self, abort_window: float = 1.0, watch_parent: bool | None = None, poll_seconds: float = 0.5):
+    def __init__(self, abort_window: float = 1.0, watch_parent: bool | None = None, poll_seconds: float = 0.5,
+                 exit_grace_seconds: float = 30.0):
         self.abort_window = abort_window
         self.watch_parent = launched_by_launcher() if watch_parent is None else watch_parent
         self.poll_seconds = poll_seconds
+        self.exit_grace_seconds = exit_grace_seconds
         self.requested = 0  # the first signal received, 0 if none
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
@@ -79,9 +87,18 @@ class InterruptHandler:
         while True:
             if os.getppid() != parent:
                 os.kill(os.getpid(), signal.SIGTERM)
+                self._exit_after_grace()
                 return
             if self._stop_watching.wait(self.poll_seconds):
                 return
+
+    def _exit_after_grace(self) -> None:
+        # Not cancelled by uninstall(): with the launcher gone, this process has nothing left to do but exit.
+        time.sleep(self.exit_grace_seconds)
+        os.write(2, f"\ndtrain: the launcher is gone and this rank did not stop within {self.exit_grace_seconds:g}s "
+                    f"(--signal-grace-seconds; a peer may be gone or hang): exiting without waiting further. "
+                    f"Committed checkpoints and 'latest' are intact.\n".encode())
+        os._exit(1)
 
     def agree(self, device="cpu", *flags: float) -> tuple[int, list[float]]:
         """All ranks learn whether any rank was interrupted (and by which signal), plus the max of each flag."""

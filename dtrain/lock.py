@@ -6,7 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from dtrain.distributed import all_ranks_ok
+from dtrain.distributed import run_and_agree
 from dtrain.errors import UsageError
 
 LOCK_FILE = ".dtrain.lock"
@@ -22,22 +22,41 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        holder = ""
-        if self.accelerator.is_main_process:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Every rank refuses together, also when rank 0 could not even open the lock file: a rank-0 error
+        # before the agreement would leave the others waiting for it.
+        ok, error = run_and_agree(self._take, self.accelerator.is_main_process, self.accelerator.device)
+        if ok:
+            return
+        if isinstance(error, _Held):
+            raise UsageError(f"another dtrain run (pid {error.pid}) is using {self.path.parent}; wait for it to "
+                             f"stop, or choose another --output-dir")
+        if error is None:  # a rank that only heard of rank 0's failure (rank 0 prints the reason)
+            raise UsageError(f"the main process could not take the run lock {self.path}")
+        raise UsageError(f"cannot take the run lock {self.path}: {getattr(error, 'strerror', None) or error}")
+
+    def _take(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                self._fd = fd
-            except OSError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-                os.close(fd)
-        if not all_ranks_ok(not holder, self.accelerator.device):  # every rank refuses together
-            raise UsageError(f"another dtrain run (pid {holder or '?'}) is using {self.path.parent}; "
-                             f"wait for it to stop, or choose another --output-dir")
+            except BlockingIOError:
+                raise _Held(os.pread(fd, 32, 0).decode(errors="replace").strip() or "?") from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+class _Held(Exception):
+    """The lock is held by another run (its pid, as that run wrote it)."""
+
+    def __init__(self, pid: str):
+        super().__init__(f"held by pid {pid}")
+        self.pid = pid

@@ -8,9 +8,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from dtrain.config import Config
+from dtrain.distributed import collective_timeout, set_collective_timeout
 from dtrain.errors import UsageError
 
 logger = get_logger(__name__)
@@ -85,6 +86,9 @@ def _create(config: Config, device: str, precision: str) -> Accelerator:
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
     log_with = None if config.eval.log_with == "none" else config.eval.log_with
+    # A dead or hung peer turns into an error after this long instead of torch's 30 minutes (gloo). It applies
+    # when this call creates the process group; a group the process already has keeps its own limit.
+    set_collective_timeout(config.train.collective_timeout_seconds)
     return Accelerator(
         cpu=device == "cpu",  # on the CPU this is what makes multi-process runs use gloo (MULTI_CPU)
         mixed_precision=precision,
@@ -92,4 +96,5 @@ def _create(config: Config, device: str, precision: str) -> Accelerator:
         step_scheduler_with_optimizer=False,  # we step the scheduler once per optimizer step ourselves
         log_with=log_with,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=config.output_dir),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=collective_timeout())],
     )

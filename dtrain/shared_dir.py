@@ -36,9 +36,13 @@ def check_every_node_sees(directory: Path, accelerator) -> None:
         return
     from accelerate.utils import broadcast_object_list, gather_object
 
+    from dtrain.distributed import run_and_agree
+
     token = secrets.token_hex(16)
-    if accelerator.is_main_process:
-        atomic_write_text(directory / MARKER, token)
+    written, error = run_and_agree(lambda: atomic_write_text(directory / MARKER, token), accelerator.is_main_process,
+                                   accelerator.device)
+    if not written:
+        raise UsageError(f"cannot write to {directory}: {error or 'failed on rank 0'}")
     token = broadcast_object_list([token], from_process=0)[0]
     sees = True
     if accelerator.is_local_main_process:  # ranks of one node share its filesystem

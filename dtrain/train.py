@@ -59,13 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome.output_dir = config.output_dir
         train(config, outcome=outcome)
 
-    try:
-        code = run_main(parse_and_train)
-    except BaseException:  # an unexpected failure: recorded, then Python prints the traceback and exits 1
-        outcome.record(1)
-        raise
-    outcome.record(code)
-    return code
+    return run_main(parse_and_train, on_exit=outcome.record)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from dtrain import resume as resume_checks
 from dtrain.checkpoint import CheckpointManager, RetentionPolicy, resolve_resume
 from dtrain.config import Config, write_config
 from dtrain.data import ResumableBatchSampler, ShardedEvalSampler, make_loader
-from dtrain.distributed import barrier
+from dtrain.distributed import run_and_agree
 from dtrain.errors import CheckpointError, Interrupted, UsageError
 from dtrain.interrupt import InterruptHandler
 from dtrain.lock import RunLock
@@ -104,7 +104,7 @@ class Trainer:
             RetentionPolicy(ckpt.keep_last, ckpt.keep_best, ckpt.keep_every_steps, self.config.eval.mode),
             monitor=self.config.eval.monitor, verify_checksums=ckpt.verify_checksums, async_save=ckpt.async_save,
             staging_dir=self.output_dir / STAGING_DIR)
-        self.interrupts = InterruptHandler()
+        self.interrupts = InterruptHandler(exit_grace_seconds=ckpt.signal_grace_seconds)
         self._resume_command = resume_command  # printed after an interrupt; default: this run's own command
         self._lock = RunLock(self.output_dir, self.accelerator)
         self._build_training_objects(optimizer)
@@ -409,11 +409,15 @@ class Trainer:
         self._last_save_time = time.monotonic()
         # Taken now: by the time a signal arrives, the launcher whose command line we read may be gone.
         self._resume_command = self._resume_command or resume_checks.resume_command(self.config.output_dir)
+        # Rank 0 creates the directories; every rank learns whether that worked, so a failure there (a file in
+        # the way, no permission) stops all of them with one error instead of leaving them in a barrier.
         shared = directory_every_node_must_see(self.output_dir, self.checkpoints.dir)  # None: an object store
-        if self.is_main:
-            for directory in {self.output_dir, shared or self.output_dir}:
-                directory.mkdir(parents=True, exist_ok=True)
-        barrier()
+        created, error = run_and_agree(lambda: [d.mkdir(parents=True, exist_ok=True)
+                                                for d in (self.output_dir, shared or self.output_dir)],
+                                       self.is_main, self.accelerator.device)
+        if not created:
+            reason = f": {getattr(error, 'strerror', None) or error}" if error is not None else " on rank 0"
+            raise UsageError(f"cannot create the output directory {self.output_dir}{reason}")
         if shared is not None:
             check_every_node_sees(shared, self.accelerator)
         self._lock.acquire()

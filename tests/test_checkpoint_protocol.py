@@ -96,8 +96,7 @@ def test_failure_after_each_stage_keeps_earlier_checkpoints_and_latest(tmp_path,
             raise RuntimeError(f"injected fault after {reached}")
 
     monkeypatch.setattr(CheckpointManager, "_reached", fail_at)
-    expected = CheckpointError if stage != "retention_done" else RuntimeError
-    with pytest.raises(expected) as error:
+    with pytest.raises(CheckpointError) as error:  # after the commit too: every rank raises the same error
         save(manager, model, 3)
     assert "injected fault" in str(error.value) or "injected fault" in str(error.value.__cause__)
 

@@ -86,12 +86,26 @@ def test_readme_python_examples_run(runner, tmp_path):
     (tmp_path / "mytask.py").write_text(user_task)
     import sys
 
-    for script in ("api_example.py", "manual_example.py", "api_example.py", "manual_example.py"):
-        result = runner.run([sys.executable, script], cwd=tmp_path)  # twice: the second run resumes
+    def run(script: str) -> str:
+        result = runner.run([sys.executable, script], cwd=tmp_path)
         assert result.returncode == 0, f"{script}\n{result.stdout[-3000:]}"
-    assert "finished 40" in result.stdout or (tmp_path / "runs/api-example/checkpoints/step_000000040").exists()
-    assert (tmp_path / "runs/manual/checkpoints/latest").read_text().strip() == "step_000000060"
-    kept = sorted(p.name for p in (tmp_path / "runs/manual/checkpoints").iterdir() if p.name.startswith("step_"))
+        return result.stdout
+
+    api_run, manual_run = tmp_path / "runs/api-example", tmp_path / "runs/manual/checkpoints"
+    run("api_example.py")
+    run("manual_example.py")
+    manual_last = (manual_run / "step_000000060").stat().st_ino
+    # Second runs resume: the API example from its last checkpoint (step 40 of 40: nothing left to train)...
+    assert "finished 40" in run("api_example.py")
+    resumes = events(api_run, "resume")
+    assert len(resumes) == 1 and resumes[0]["step"] == 40, resumes
+    assert Path(resumes[0]["checkpoint"]).name == "step_000000040"
+    assert len(events(api_run, "start")) == 1, "the second run did not start over"
+    # ...and the manual loop from step 60, so it trains and saves nothing: step 60 is the very same directory.
+    run("manual_example.py")
+    assert (manual_run / "latest").read_text().strip() == "step_000000060"
+    assert (manual_run / "step_000000060").stat().st_ino == manual_last, "the manual loop saved step 60 again"
+    kept = sorted(p.name for p in manual_run.iterdir() if p.name.startswith("step_"))
     assert kept == ["step_000000040", "step_000000060"]
     result = runner.run(train_cmd("--task", "mytask:build", "--max-steps", "5", "--output-dir", "out"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:]

@@ -45,7 +45,7 @@ from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, best_
 from dtrain.checkpoint.object_store import is_uri, local_path
 from dtrain.checkpoint.snapshot import HostCopier, Snapshot, supports_snapshot, take_snapshot
 from dtrain.checkpoint.storage import CheckpointLocation, open_storage, split_checkpoint_uri
-from dtrain.distributed import all_ranks_ok, barrier, gather_objects, new_side_group
+from dtrain.distributed import all_ranks_ok, gather_objects, new_side_group, run_and_agree
 from dtrain.errors import CheckpointError, UsageError
 from dtrain.utils import fsync_path, remove_tree
 
@@ -108,38 +108,57 @@ class CheckpointManager:
     def clean_stale(self) -> None:
         """Removes temp and trash directories (and half-written pointer files, `.latest.tmp-PID`) that a crash
         left behind (rank 0), then waits for it. In an object store: the prefixes without a manifest (uploads a
-        crash cut short) and each node's local staging copies."""
+        crash cut short) and each node's local staging copies. A failure only warns: leftovers are never
+        checkpoints."""
         if self.remote:
             self._clean_stale_remote()
             return
-        if self.is_main and self.dir.is_dir():
+
+        def remove_leftovers() -> None:
+            if not self.dir.is_dir():
+                return
             for path in self.dir.iterdir():
                 if path.name.startswith((".tmp-", ".trash-")) and path.is_dir():
                     remove_tree(path)
                 elif path.name.startswith(".") and ".tmp-" in path.name and not path.is_dir():
                     path.unlink(missing_ok=True)
-        barrier()
+
+        _, error = run_and_agree(remove_leftovers, self.is_main, self.accelerator.device)
+        if error is not None:
+            logger.warning(f"could not remove unfinished saves in {self.dir} ({type(error).__name__}: {error}); "
+                           f"they are never used as checkpoints")
 
     def _clean_stale_remote(self) -> None:
-        barrier()  # every rank has loaded what it resumed from out of the staging dir
+        all_ranks_ok(True, self.accelerator.device)  # every rank has loaded what it resumed from out of staging
         if self.accelerator.is_local_main_process and self.staging.is_dir():
             for path in self.staging.iterdir():  # other nodes sharing this dir may be removing them too
                 shutil.rmtree(path, ignore_errors=True)
-        if self.is_main:
+
+        def remove_unfinished_uploads() -> None:
             for name in self.storage.step_names():
                 if not self.storage.has_manifest(name):
                     self.storage.delete_objects(name)
-        barrier()
+
+        _, error = run_and_agree(remove_unfinished_uploads, self.is_main, self.accelerator.device)
+        if error is not None:
+            logger.warning(f"could not remove unfinished uploads in {self.storage.url()} ({type(error).__name__}: "
+                           f"{error}); they are never used as checkpoints")
 
     def discard_all(self) -> int:
         """For `--overwrite`: moves every checkpoint and pointer out of the way (rank 0). Returns how many."""
         existing = self.storage.step_names()
-        if self.is_main:
+
+        def discard() -> None:
             for pointer in (LATEST, BEST):
                 self.storage.delete_pointer(pointer)
             for name in existing:
-                self.storage.delete(name)
-        barrier()
+                self.storage.delete(name)  # in an object store, the manifest first
+
+        ok, error = run_and_agree(discard, self.is_main, self.accelerator.device)
+        if not ok:  # every rank raises, so none waits for rank 0 at the next collective
+            reason = f"{type(error).__name__}: {error}" if error else "it failed on the main process"
+            raise CheckpointError(f"--overwrite could not delete the old checkpoints in {self.storage.url()} "
+                                  f"({reason})")
         return len(existing)
 
     def location(self, step: int) -> Path | str:
@@ -215,9 +234,8 @@ class CheckpointManager:
         else:
             self._on_all_ranks(step, temp, lambda: outcome.update(self._commit(temp, step)) if self.is_main else None,
                                group)
-        deleted = self._apply_retention() if self.is_main else []
-        self._reached("retention_done")
-        all_ranks_ok(True, self.accelerator.device, group)  # barrier: everyone leaves after the commit
+        deleted: list[str] = []
+        self._after_commit(step, lambda: deleted.extend(self._apply_retention() if self.is_main else []), group)
         self.last_saved_step = step
         self._last_bytes = int(outcome.get("bytes", 0))
         if self.remote:
@@ -374,6 +392,19 @@ class CheckpointManager:
         raise CheckpointError(f"saving checkpoint {step_dir_name(step)} failed ({reason}){self._disk_hint()}; "
                               f"earlier checkpoints and pointers are unchanged") from error
 
+    def _after_commit(self, step: int, action: Callable[[], Any], group=None) -> None:
+        """Post-commit work (retention) inside an agreement, like every phase before it: an exception on rank 0
+        here reaches every rank as the same CheckpointError instead of leaving them waiting for rank 0."""
+        def work() -> None:
+            action()
+            self._reached("retention_done")
+
+        ok, error = run_and_agree(work, True, self.accelerator.device, group)
+        if not ok:
+            reason = f"{type(error).__name__}: {error}" if error else "it failed on another rank"
+            raise CheckpointError(f"checkpoint {step_dir_name(step)} was committed, but the work after the "
+                                  f"commit (retention) failed ({reason})") from error
+
     def _disk_hint(self) -> str:
         """Names a full disk, which torch.save reports only as an obscure 'unexpected pos' error."""
         local = self.staging if self.remote else self.dir
@@ -388,9 +419,12 @@ class CheckpointManager:
     def _reached(self, stage: str) -> None:
         """Fault injection for tests: DTRAIN_FAULT_AT=<stage> makes this process die there with SIGKILL
         (`<stage>:raise` raises an OSError instead, `<stage>:sleep=S` pauses S seconds),
-        in the first save after DTRAIN_FAULT_AFTER_SAVES (default 0) saves of this process."""
+        in the first save after DTRAIN_FAULT_AFTER_SAVES (default 0) saves of this process, on every rank or
+        on rank DTRAIN_FAULT_RANK only."""
         fault = os.environ.get("DTRAIN_FAULT_AT", "")
+        fault_rank = os.environ.get("DTRAIN_FAULT_RANK")  # only this rank (default: every rank)
         if (fault.split(":")[0] == stage
+                and (fault_rank is None or int(fault_rank) == self.accelerator.process_index)
                 and self._saves_started > int(os.environ.get("DTRAIN_FAULT_AFTER_SAVES", "0"))):
             if fault.endswith(":raise"):
                 raise OSError(f"injected fault at {stage}")
