@@ -245,3 +245,16 @@ def load_weights_file(path: Path) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def test_an_s3_uri_without_the_s3_extra_is_one_usage_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import fsspec.registry  # noqa: F401 - the module, which the package's `registry` attribute hides
+
+    monkeypatch.setitem(sys.modules, "s3fs", None)  # what an environment without the extra looks like
+    monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)
+    out = tmp_path / "run"
+    assert train_in_process(*ARGS, "--output-dir", str(out), "--checkpoint-dir", "s3://bucket/run") == 2
+    err = capsys.readouterr().err
+    assert err.count("dtrain: error:") == 1 and 'pip install -e ".[s3]"' in err and "Traceback" not in err
