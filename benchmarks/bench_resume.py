@@ -16,6 +16,13 @@ The dataset's access counter shows how many samples were loaded to produce the f
 batch's worth, wherever it resumes). For contrast, the same deep position reached the naive way (iterate the
 loader from the epoch start and throw batches away) and the Accelerate way (`skip_first_batches`, which
 iterates the batch sampler and skips index lists without loading samples) are timed once each.
+
+Streams: a Hugging Face `datasets` IterableDataset of 10^6 samples (100 shards), read as dtrain reads it
+(`dtrain.data.stream.StatefulSource`, torchdata's StatefulDataLoader). Time to the first batch at the epoch
+start, and 90% into the epoch two ways: from the stream's saved state (what dtrain does for an exact stream),
+and by replay (read from the epoch start and discard; what dtrain does for a stream without exact state):
+
+    stream_state_vs_start_ratio = median time to first batch (deep, from state) / (epoch start)   (goal <= 1.5)
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _util  # noqa: E402  (puts the repository on sys.path)
 
-FULL = dict(samples=1_000_000, batch_size=64, repeats=21)
-QUICK = dict(samples=100_000, batch_size=64, repeats=3)
+FULL = dict(samples=1_000_000, batch_size=64, repeats=21, stream_samples=1_000_000, stream_repeats=5)
+QUICK = dict(samples=100_000, batch_size=64, repeats=3, stream_samples=5_000, stream_repeats=2)
+STREAM_SHARDS = 100
 SEED, EPOCH, DEEP_FRACTION = 1234, 3, 0.9
 
 
@@ -107,9 +115,60 @@ def accelerate_skip(spec: dict, start_sample: int) -> dict:
     return {"seconds": seconds, "loads": dataset.loads, "first": batch[0, 0].item()}
 
 
+def stream_source(spec: dict):
+    """A 10^6-sample Hugging Face IterableDataset as dtrain's Trainer reads it on rank 0 of 1 process."""
+    from datasets import Dataset
+
+    from dtrain.data.stream import StatefulSource
+
+    if "stream_table" not in spec:  # the in-memory Arrow table is built once; each run gets a fresh stream
+        spec["stream_table"] = Dataset.from_dict({"id": list(range(spec["stream_samples"]))})
+    # Rows as Python values, batched by the default collate (torch formatting per row would dominate every way).
+    stream = spec["stream_table"].to_iterable_dataset(num_shards=STREAM_SHARDS)
+    return StatefulSource(stream, spec["batch_size"], 0, 1, SEED, 1, is_main=False)
+
+
+def stream_first_batch(spec: dict, position: dict | None, samples: int) -> dict:
+    started = time.perf_counter()
+    source = stream_source(spec)
+    source.seek(0, samples, position)
+    iterator = iter(source)
+    batch = next(iterator)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "first": batch["id"][0].item(), "iterator": iterator, "source": source}
+
+
+def stream_rows(spec: dict) -> tuple[list, dict]:
+    """Streams: time to the first batch at the start, deep from the saved state, deep by replay."""
+    batch = spec["batch_size"]
+    deep_batches = int(spec["stream_samples"] * DEEP_FRACTION) // batch
+    replay_position = {"kind": "stream", "resume": "replay", "epoch": 0, "world_size": 1,
+                       "ranks": [{"micro_batches": deep_batches, "state": None}]}
+    replay = stream_first_batch(spec, replay_position, deep_batches * batch)  # once: it is the slow way
+    # The state a checkpoint after that batch stores, and the batch a resume from it must return.
+    state_position = replay["source"].checkpoint_position()
+    expected = next(replay["iterator"])["id"][0].item()
+    stream_first_batch(spec, None, 0)  # untimed: first-call costs
+    runs = _util.alternate([("start", lambda: stream_first_batch(spec, None, 0)),
+                            ("state", lambda: stream_first_batch(spec, state_position, (deep_batches + 1) * batch))],
+                           spec["stream_repeats"], between=gc.collect)
+    assert all(r["first"] == expected for r in runs["state"]), "resumed the stream at the wrong position"
+    assert all(r["first"] == 0 for r in runs["start"])
+    med_start = _util.median(r["seconds"] for r in runs["start"])
+    med_state = _util.median(r["seconds"] for r in runs["state"])
+    rows = [["stream: epoch start", 1000 * med_start, _util.spread([1000 * r["seconds"] for r in runs["start"]])],
+            [f"stream: deep (sample {(deep_batches + 1) * batch:,}) from its state", 1000 * med_state,
+             _util.spread([1000 * r["seconds"] for r in runs["state"]])],
+            [f"stream: deep (sample {deep_batches * batch:,}) by replay (once)", 1000 * replay["seconds"], "-"]]
+    return rows, {"stream_state_vs_start_ratio": _util.ratio(med_state, med_start),
+                  "stream_start_ms": 1000 * med_start, "stream_state_ms": 1000 * med_state,
+                  "stream_replay_ms": 1000 * replay["seconds"], "stream_samples": spec["stream_samples"]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = _util.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--no-naive", action="store_true", help="leave out the (slow) naive-skipping contrast")
+    parser.add_argument("--no-stream", action="store_true", help="leave out the Hugging Face stream rows")
     args = parser.parse_args(argv)
     spec = dict(QUICK if args.quick else FULL)
     if args.repeats:
@@ -143,7 +202,19 @@ def main(argv: list[str] | None = None) -> dict:
                        f"resume_skip_ratio (goal <= 1.10) = deep / start = {_util.fmt(skip_ratio)}",
                        "'samples loaded' counts dataset __getitem__ calls until the first batch is in hand",
                        f"wall time {time.perf_counter() - started:.0f}s"]))
-    return {"resume_skip_ratio": skip_ratio, "resume_start_ms": 1000 * med_start, "resume_deep_ms": 1000 * med_deep,
+    stream = {}
+    if not args.no_stream:
+        stream_started = time.perf_counter()
+        rows, stream = stream_rows(spec)
+        print(_util.table("resume a stream: time to the first batch, epoch start vs 90% in (state vs replay)",
+                          ["how", "median ms", "min..max ms"], rows,
+                          [f"Hugging Face IterableDataset, {spec['stream_samples']:,} samples in {STREAM_SHARDS} "
+                           f"shards, batch {spec['batch_size']}; {spec['stream_repeats']} alternating repeats",
+                           f"stream_state_vs_start_ratio (goal <= 1.5) = state / start = "
+                           f"{_util.fmt(stream['stream_state_vs_start_ratio'])}",
+                           f"replay / start = {_util.fmt(_util.ratio(stream['stream_replay_ms'], stream['stream_start_ms']))}",
+                           f"wall time {time.perf_counter() - stream_started:.0f}s"]))
+    return {**stream, "resume_skip_ratio": skip_ratio, "resume_start_ms": 1000 * med_start, "resume_deep_ms": 1000 * med_deep,
             "resume_deep_loads": runs["deep"][0]["loads"], "resume_accelerate_skip_ms": 1000 * accel["seconds"],
             "resume_naive_skip_ms": 1000 * naive["seconds"] if naive else None,
             "resume_naive_skip_loads": naive["loads"] if naive else None,

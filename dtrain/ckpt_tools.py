@@ -14,11 +14,11 @@ from typing import Any, Iterator
 
 import yaml
 
-from dtrain.checkpoint.layout import (BEST, LATEST, MANIFEST, TRAINER_STATE, parse_step, step_dir_name,
-                                      verify_checkpoint)
+from dtrain.checkpoint.layout import (BEST, LATEST, MANIFEST, TRAINER_STATE, current_lineage, parse_step,
+                                      step_dir_name, verify_checkpoint)
 from dtrain.checkpoint.object_store import is_uri, local_path
 from dtrain.checkpoint.resolve import find_latest
-from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, checkpoints_to_delete
+from dtrain.checkpoint.retention import RetentionPolicy, checkpoints_to_delete
 from dtrain.checkpoint.storage import (CheckpointLocation, CheckpointStorage, LocalDirectory, open_storage,
                                        split_checkpoint_uri)
 from dtrain.errors import UsageError
@@ -105,6 +105,8 @@ def local_copy(location: CheckpointLocation, files: tuple[str, ...] = ("model.sa
 def ckpt_list(args) -> None:
     storage = checkpoints_dir_of(args.output_dir)
     latest, best = storage.read_pointer(LATEST), storage.read_pointer(BEST)
+    _, others = current_lineage(storage)
+    other_steps = {r.step for r in others}
     rows = []
     for name in storage.step_names():
         check = storage.verify(name, checksums=args.checksums)
@@ -113,7 +115,8 @@ def ckpt_list(args) -> None:
         rows.append({"name": name, "step": state.get("global_step"), "epoch": state.get("epoch"),
                      "metric": metric.get("name"), "value": metric.get("value"), "bytes": check.bytes,
                      "complete": check.ok, "problem": check.reason or None,
-                     "latest": name == latest, "best": name == best})
+                     "latest": name == latest, "best": name == best,
+                     "parent": state.get("parent"), "other_lineage": parse_step(name) in other_steps})
     if args.json:
         print(json.dumps(rows, indent=1))
         return
@@ -124,9 +127,14 @@ def ckpt_list(args) -> None:
     for r in rows:
         value = f"{r['value']:.4f}" if isinstance(r["value"], (int, float)) else "-"
         flags = " ".join(f for f in ("latest", "best") if r[f])
+        if r["other_lineage"]:
+            flags += " other lineage (not counted; `dtrain ckpt prune` removes it)"
         status = "complete" if r["complete"] else f"DAMAGED: {r['problem']}"
         print(f"{r['name']:<16} {_or_unknown(r['step']):>8} {_or_unknown(r['epoch']):>5} {value:>14} "
               f"{human_size(r['bytes']):>10}  {status} {flags}".rstrip())
+    if other_steps:
+        print(f"{len(other_steps)} checkpoint(s) belong to another lineage: they were saved after the checkpoint a "
+              f"later run resumed from, and latest does not descend from them")
 
 
 def ckpt_verify(args) -> int:
@@ -175,6 +183,7 @@ def describe_checkpoint(path: CheckpointLocation, checksums: bool = False) -> di
         "best": storage.read_pointer(BEST) == name,
         "step": step, "epoch": state.get("epoch"), "step_in_epoch": state.get("step_in_epoch"),
         "samples_seen": state.get("samples_seen"), "checkpoint_metric": state.get("checkpoint_metric"),
+        "parent": state.get("parent"), "run_id": state.get("run_id"),
         "metrics": metrics, "task": state.get("task"),
         "written_by": {"world_size": state.get("world_size"), "device": state.get("device"),
                        "mixed_precision": state.get("mixed_precision"),
@@ -197,6 +206,9 @@ def ckpt_show(args) -> None:
     print(f"status      {status}")
     print(f"progress    step {info['step']}, epoch {info['epoch']} (step {info['step_in_epoch']} of the epoch), "
           f"{info['samples_seen']} samples seen; task {info['task']}")
+    if info["run_id"] is not None:  # recorded since dtrain follows lineages
+        print(f"lineage     run {info['run_id']}, " + (f"resumed from {info['parent']}" if info["parent"]
+                                                        else "a fresh start"))
     metric = info["checkpoint_metric"] or {}
     if metric.get("value") is not None:
         print(f"monitored   {metric.get('name')} = {metric['value']:.6g}")
@@ -217,32 +229,35 @@ def ckpt_show(args) -> None:
 
 # ------------------------------------------------------------------------------------------- prune
 
-def plan_prune(storage: CheckpointStorage, policy: RetentionPolicy, monitor: str) -> tuple[list[int], set[int]]:
-    """Steps to delete (oldest first) and the protected steps, with the same pure policy training uses."""
+def plan_prune(storage: CheckpointStorage | Path, policy: RetentionPolicy, monitor: str) -> tuple[list[int], set[int]]:
+    """Steps to delete (oldest first) and the protected steps: the pure policy training uses, applied as training
+    applies it to the lineage of `latest`, plus every checkpoint of another lineage."""
     storage = storage if hasattr(storage, "step_names") else checkpoints_dir_of(storage)
-    records = []
-    for name in storage.step_names():
-        metric = _trainer_state_or_empty(storage, name).get("checkpoint_metric") or {}
-        value = metric.get("value") if metric.get("name") == monitor else None
-        records.append(CheckpointRecord(parse_step(name), value))
+    lineage, others = current_lineage(storage, monitor)
     protected = {parse_step(name) for name in (storage.read_pointer(LATEST), storage.read_pointer(BEST))
                  if name is not None}
-    return checkpoints_to_delete(records, policy, protected), protected
+    other_steps = [r.step for r in others if r.step not in protected]
+    return sorted(checkpoints_to_delete(lineage, policy, protected) + other_steps), protected
 
 
 def ckpt_prune(args) -> None:
-    if not (args.keep_last or args.keep_best or args.keep_every_steps):
-        raise UsageError("ckpt prune needs a rule: --keep-last N, --keep-best K and/or --keep-every-steps M "
-                         "(each an integer >= 1)")
     storage = checkpoints_dir_of(args.output_dir)
     monitor, mode = _run_monitor(storage)
     monitor, mode = args.monitor or monitor, args.mode or mode
     policy = RetentionPolicy(args.keep_last or 0, args.keep_best or 0, args.keep_every_steps or 0, mode)
     doomed, protected = plan_prune(storage, policy, monitor)
+    other_lineages = [r.step for r in current_lineage(storage)[1] if r.step in doomed]
+    if not policy.enabled and not other_lineages:
+        raise UsageError("ckpt prune needs a rule: --keep-last N, --keep-best K and/or --keep-every-steps M "
+                         "(each an integer >= 1); without one it removes only checkpoints of other lineages, "
+                         f"and {storage.url()} has none")
     if not storage.is_remote and any(p.name.startswith(".tmp-") for p in storage.dir.iterdir()):
         print(f"warning: {storage.url()} holds a .tmp- folder: a run may be saving right now")
     kept = [name for name in storage.step_names() if parse_step(name) not in doomed]
     print(f"keeping {len(kept)}: {', '.join(kept) or '-'} (latest and best are always kept; best by {monitor}, {mode})")
+    if other_lineages:
+        print(f"other lineages: {', '.join(step_dir_name(s) for s in other_lineages)} (saved after the checkpoint "
+              f"a later run resumed from; latest does not descend from them)")
     if not doomed:
         print("nothing to delete")
         return

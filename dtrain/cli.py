@@ -82,7 +82,8 @@ def _add_ckpt(commands) -> None:
     show.add_argument("--which", choices=("latest", "best"), help="for an output dir (default: latest)")
     show.add_argument("--json", action="store_true")
     show.add_argument("--checksums", action="store_true", help="verify sha256 of every file, not only sizes")
-    prune = sub.add_parser("prune", help="delete checkpoints with the training retention policy")
+    prune = sub.add_parser("prune", help="delete checkpoints with the training retention policy, and those of "
+                                         "other lineages (saved after the checkpoint a later run resumed from)")
     prune.add_argument("output_dir")
     prune.add_argument("--keep-last", type=_positive, metavar="N", help="keep the newest N")
     prune.add_argument("--keep-best", type=_positive, metavar="K", help="keep the best K by --monitor")
@@ -91,10 +92,14 @@ def _add_ckpt(commands) -> None:
     prune.add_argument("--monitor", help="eval metric for --keep-best (default: the run's)")
     prune.add_argument("--mode", choices=("min", "max"), help="whether lower or higher is better (default: the run's)")
     prune.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
-    export = sub.add_parser("export", help="the model weights as one .safetensors file for inference")
+    export = sub.add_parser("export", help="the model weights as one .safetensors file, or (causal-lm) a "
+                                           "Hugging Face model directory, for inference")
     export.add_argument("path", help="a checkpoint dir, or a run's output dir (then --which)")
     export.add_argument("--which", choices=("best", "latest"), help="for an output dir (default: best, else latest)")
-    export.add_argument("--out", required=True, metavar="FILE", help="where to write, e.g. model.safetensors")
+    export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
+                        help="safetensors: one file; hf: a directory from_pretrained loads (causal-lm runs)")
+    export.add_argument("--out", required=True, metavar="FILE|DIR",
+                        help="where to write, e.g. model.safetensors (--format hf: a directory)")
     export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
 
 

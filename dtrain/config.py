@@ -24,17 +24,32 @@ def _opt(help: str, choices: tuple | None = None, **kwargs) -> dict:
     return {"metadata": {"help": help, "choices": choices}, **kwargs}
 
 
+BUILTIN_TASKS = ("charlm", "regression", "causal-lm")
+HF_ONLY_FIELDS = ("model", "model_config", "tokenizer", "streaming", "gradient_checkpointing")
+
+
 @dataclass
 class TaskConfig:
-    task: str = field(default="charlm", **_opt("built-in task (charlm, regression) or package.module:function"))
-    data: str | None = field(default=None, **_opt("task input; charlm: a text file or folder (default: Python's stdlib sources)"))
+    task: str = field(default="charlm", **_opt("built-in task (charlm, regression, causal-lm) or "
+                                               "package.module:function"))
+    data: str | None = field(default=None, **_opt("task input; charlm: a text file or folder (default: Python's "
+                                                  "stdlib sources); causal-lm: also a datasets directory or name"))
     block_size: int = field(default=64, **_opt("context length in characters (charlm)"))
     n_layer: int = field(default=4, **_opt("transformer layers (charlm) / hidden layers (regression)"))
     n_head: int = field(default=4, **_opt("attention heads (charlm)"))
     n_embd: int = field(default=128, **_opt("embedding / hidden width"))
     dropout: float = field(default=0.1, **_opt("dropout probability"))
     corpus_bytes: int = field(default=2_000_000, **_opt("charlm: bytes taken from the default corpus"))
-    sample_chars: int = field(default=300, **_opt("charlm: characters generated per eval sample"))
+    sample_chars: int = field(default=300, **_opt("characters (causal-lm: tokens) generated per eval sample; 0 = none"))
+    # causal-lm: a Hugging Face transformers model (extra: pip install -e ".[hf]")
+    model: str | None = field(default=None, **_opt("causal-lm: a model directory (save_pretrained) or hub id"))
+    model_config: str | None = field(default=None, **_opt("causal-lm: a config.json for a randomly initialised model"))
+    tokenizer: str | None = field(default=None, **_opt("causal-lm: tokenizer directory or hub id "
+                                                       "(default: the model's, else byte-level)"))
+    streaming: bool = field(default=False, **_opt("causal-lm: read --data as a stream (IterableDataset)"))
+    eval_fraction: float = field(default=0.05, **_opt("causal-lm: share of the data held out for evaluation"))
+    sample_prompt: str = field(default="def ", **_opt("causal-lm: prompt of the eval samples"))
+    gradient_checkpointing: bool = field(default=False, **_opt("causal-lm: recompute activations in backward"))
 
     def validate(self) -> None:
         _check(self.block_size >= 1, "block_size", self.block_size, "an integer >= 1")
@@ -45,10 +60,24 @@ class TaskConfig:
         _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "a number in [0, 1)")
         _check(self.sample_chars >= 0, "sample_chars", self.sample_chars, "an integer >= 0")
         _check(self.corpus_bytes >= 1024, "corpus_bytes", self.corpus_bytes, "an integer >= 1024")
-        if self.task not in ("charlm", "regression"):
+        if self.task not in BUILTIN_TASKS:
             module, _, function = self.task.partition(":")
             _check(bool(module) and function.isidentifier(), "task", self.task,
-                   "charlm, regression, or package.module:function")
+                   f"{', '.join(BUILTIN_TASKS)}, or package.module:function")
+        self._validate_causal_lm()
+
+    def _validate_causal_lm(self) -> None:
+        _check(not (self.model and self.model_config), "model_config", self.model_config,
+               "no value when model is set (model loads its own config)")
+        _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", self.eval_fraction, "a number in [0, 1)")
+        _check(bool(self.sample_prompt) or self.sample_chars == 0, "sample_prompt", self.sample_prompt,
+               "a non-empty text (or sample_chars 0)")
+        for name in ("model", "model_config", "tokenizer"):
+            _check(getattr(self, name) != "", name, "", "a path or hub id")
+        if self.task in ("charlm", "regression"):  # user tasks may read these fields too
+            given = [name for name in HF_ONLY_FIELDS if getattr(self, name) not in (None, False)]
+            _check(not given, given[0] if given else "", getattr(self, given[0]) if given else None,
+                   "a value only with task causal-lm")
 
 
 @dataclass
@@ -113,7 +142,9 @@ class EvalConfig:
 class CheckpointConfig:
     save_every_steps: int = field(default=0, **_opt("save every N optimizer steps; 0 = off"))
     save_every_epochs: int = field(default=0, **_opt("save every N epochs; 0 = off"))
-    save_every_seconds: float = field(default=0.0, **_opt("save when N seconds passed since the last save; 0 = off"))
+    # On by default: without it a crash, kill -9 or power loss loses the whole run (the end is always saved).
+    save_every_seconds: float = field(default=600.0, **_opt("save when N seconds passed since the last save, so a "
+                                                            "crash loses at most that much; 0 = off"))
     keep_last: int = field(default=3, **_opt("keep the newest N checkpoints; 0 = rule off"))
     keep_best: int = field(default=0, **_opt("keep the best K checkpoints by --monitor; 0 = rule off"))
     keep_every_steps: int = field(default=0, **_opt("never prune checkpoints whose step is a multiple of N"))
@@ -125,6 +156,8 @@ class CheckpointConfig:
     allow_config_change: bool = field(default=False, **_opt("resume even if model-shaping fields changed"))
     strict_resume: bool = field(default=False, **_opt("exit 2 when the resume certificate shows that the next step "
                                                       "would differ from the interrupted run's (else a warning)"))
+    allow_inexact_resume: bool = field(default=False, **_opt("resume a stream with another number of processes, "
+                                                             "accepting that some samples are repeated or skipped"))
     agree_every_steps: int = field(default=1, **_opt("steps between the ranks' agreement on interrupts and "
                                                      "timed saves (one small all-reduce); raise if it is costly"))
     signal_grace_seconds: float = field(default=30.0, **_opt("time launchers allow after a signal; warn when saves take longer"))

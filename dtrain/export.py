@@ -85,7 +85,11 @@ def load_exported(path: str | Path):
 
 def export_command(args) -> None:
     checkpoint = select_checkpoint(args.path, args.which)
-    with local_copy(checkpoint) as local:
+    with local_copy(checkpoint) as local:  # an object-store checkpoint: its weights, downloaded
+        if getattr(args, "format", "safetensors") == "hf":
+            from dtrain.integrations.hf_export import export_hf_command
+
+            return export_hf_command(local, Path(args.out), args.dtype)
         info = export_checkpoint(local, Path(args.out), args.dtype, source=str(checkpoint))
     print(f"exported {checkpoint} (step {info['step']}, {info['task']}) to {info['path']}: "
           f"{info['tensors']} tensors as {args.dtype}, {human_size(info['bytes'])}")

@@ -66,16 +66,16 @@ def make_accelerator(config: Config) -> Accelerator:
         accelerator = _create(config, device, precision)
     except ValueError as exc:  # Accelerate's message for an inconsistent launch environment (MASTER_ADDR, ...)
         raise UsageError(f"could not set up Accelerate for this launch: {exc}") from None
-    config.train.mixed_precision = accelerator.mixed_precision  # recorded in config.yaml and every checkpoint
-    if conflict:
-        logger.warning(conflict)  # only now: Accelerate's logger needs the Accelerator's state
-    if config.train.device == "cuda" and launcher_settings().get("device") == "cpu":
-        logger.warning("the launcher asked for the CPU (--cpu); --device cuda (dtrain's flag or config file) wins")
     launched_ranks = int(os.environ.get("WORLD_SIZE", "1"))
     if launched_ranks > 1 and accelerator.num_processes != launched_ranks:
         raise UsageError(f"launched with WORLD_SIZE={launched_ranks} but Accelerate set up "
                          f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}); "
                          f"refusing to train as independent single processes")
+    config.train.mixed_precision = accelerator.mixed_precision  # recorded in config.yaml and every checkpoint
+    if conflict:
+        logger.warning(conflict)  # only now: Accelerate's logger needs the Accelerator's state
+    if config.train.device == "cuda" and launcher_settings().get("device") == "cpu":
+        logger.warning("the launcher asked for the CPU (--cpu); --device cuda (dtrain's flag or config file) wins")
     return accelerator
 
 

@@ -9,6 +9,7 @@ consumes is put back, so a resumed run draws exactly the numbers an uninterrupte
 from __future__ import annotations
 
 import contextlib
+import itertools
 import signal
 import sys
 import time
@@ -18,15 +19,17 @@ from typing import Any
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import send_to_device
-from torch.utils.data import DataLoader
+from accelerate.utils import DistributedType, send_to_device
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
 from dtrain import certificate
 from dtrain import resume as resume_checks
 from dtrain.checkpoint import CheckpointManager, RetentionPolicy, resolve_resume
+from dtrain.checkpoint.manager import STAGING_DIR
 from dtrain.config import Config, write_config
-from dtrain.data import ResumableBatchSampler, ShardedEvalSampler, make_loader
+from dtrain.data import ShardedEvalSampler, build_train_source, make_loader
+from dtrain.data.stream import EvalStream
 from dtrain.distributed import run_and_agree
 from dtrain.errors import CheckpointError, Interrupted, UsageError
 from dtrain.interrupt import InterruptHandler
@@ -34,8 +37,7 @@ from dtrain.lock import RunLock
 from dtrain.metrics import MetricsLog
 from dtrain.rng import preserved_rng
 from dtrain.runtime import make_accelerator
-from dtrain.schedule import warmup_cosine
-from dtrain.checkpoint.manager import STAGING_DIR
+from dtrain.schedule import LRPlan, plan_change, warmup_cosine
 from dtrain.shared_dir import check_every_node_sees, directory_every_node_must_see
 from dtrain.tasks import Task
 from dtrain.tasks.base import evaluation_sums, metrics_from_sums
@@ -51,6 +53,7 @@ class TrainerState:
     epoch: int = 0  # the epoch in progress (0-based)
     step_in_epoch: int = 0
     epoch_samples_seen: int = 0  # global samples consumed in the current epoch: the resume position
+    data_position: dict[str, Any] = field(default_factory=dict)  # where the data is (per rank for streams)
     samples_seen: int = 0  # global samples consumed by the whole run
     world_size: int = 1
     best_metric: float | None = None
@@ -74,8 +77,9 @@ class Trainer:
     """Trains a task (or a model, data and loss handed in directly) under a Config.
 
     Either give `task=`, or the pieces: `model`, `loss_fn(model, batch) -> mean loss`, `train_dataloader`
-    (its dataset, batch size and collate_fn are used; dtrain owns the order so it can resume exactly), and
-    optionally `eval_dataloader` and `optimizer` (default: AdamW with the config's lr and weight decay).
+    (dtrain rebuilds it so it can resume exactly, keeping what it says: shuffle or not, drop_last, workers,
+    pin_memory, collate_fn, a sampler with state_dict()), and optionally `eval_dataloader` (its batch size is
+    kept) and `optimizer` (default: AdamW with the config's lr and weight decay).
     """
 
     def __init__(self, config: Config | None = None, task: Task | None = None, *, model=None, loss_fn=None,
@@ -113,19 +117,14 @@ class Trainer:
 
     def _build_training_objects(self, optimizer) -> None:
         cfg, acc = self.config.train, self.accelerator
-        try:
-            self.sampler = ResumableBatchSampler(len(self.task.train_data), cfg.batch_size, acc.process_index,
-                                                 acc.num_processes, cfg.seed, cfg.grad_accum)
-        except ValueError as exc:
-            raise UsageError(f"invalid value for batch_size: {cfg.batch_size}; {exc}") from None
-        self.train_loader = make_loader(self.task.train_data, self.sampler, self.task.collate_fn,
-                                        cfg.num_workers, cfg.seed, pin_memory=acc.device.type == "cuda")
+        self.train_data = build_train_source(self.task, self.config, acc)  # the order, its position, its loader
         self.eval_loader = None
-        if self.task.eval_data is not None and len(self.task.eval_data) < acc.num_processes:
-            logger.warning(f"evaluation is off: {len(self.task.eval_data)} eval samples cannot give each of "
-                           f"{acc.num_processes} ranks one")  # a rank without batches would miss the reduce
-        elif self.task.eval_data is not None:
-            eval_sampler = ShardedEvalSampler(len(self.task.eval_data), cfg.batch_size, acc.process_index,
+        eval_batch_size = self.task.eval_batch_size or cfg.batch_size
+        if isinstance(self.task.eval_data, IterableDataset):
+            self.eval_loader = EvalStream(self.task.eval_data, eval_batch_size, self.task.collate_fn,
+                                          self.config.eval.eval_max_batches)
+        elif self.task.eval_data is not None and len(self.task.eval_data):
+            eval_sampler = ShardedEvalSampler(len(self.task.eval_data), eval_batch_size, acc.process_index,
                                               acc.num_processes, self.config.eval.eval_max_batches)
             self.eval_loader = make_loader(self.task.eval_data, eval_sampler, self.task.collate_fn, 0, cfg.seed)
         if self.config.checkpoint.init_from:
@@ -139,8 +138,8 @@ class Trainer:
 
     def _planned_steps(self) -> int:
         limits = [self.config.train.max_steps] if self.config.train.max_steps else []
-        if self.config.train.epochs:
-            limits.append(self.config.train.epochs * self.sampler.steps_per_epoch)
+        if self.config.train.epochs and self.train_data.steps_per_epoch is not None:  # None: a stream
+            limits.append(self.config.train.epochs * self.train_data.steps_per_epoch)
         return min(limits)
 
     # ------------------------------------------------------------------------------------------ the loop
@@ -154,26 +153,32 @@ class Trainer:
                                              disable=not self.is_main, desc=self.task.name, dynamic_ncols=True,
                                              mininterval=0.5 if sys.stderr.isatty() else 30)
             self._reset_loss_window()
-            state = self.state
+            state, data = self.state, self.train_data
             while not self._finished():
-                self.sampler.set_epoch(state.epoch, state.epoch_samples_seen)
-                for batch in self.train_loader:
+                epoch = state.epoch
+                for batch in data:  # the rest of the epoch, from where the data was sought
                     self._micro_step(send_to_device(batch, self.accelerator.device))
-                    state.epoch_samples_seen += self.sampler.samples_per_micro_step
-                    state.samples_seen += self.sampler.samples_per_micro_step
+                    state.epoch_samples_seen += data.samples_per_micro_step
+                    state.samples_seen += data.samples_per_micro_step
                     if not self.accelerator.sync_gradients:
                         continue  # inside a gradient accumulation window
                     state.global_step += 1
                     state.step_in_epoch += 1
+                    # Rolled over before anything is saved at this step: a checkpoint of the epoch's last step
+                    # says "epoch done" (the next one at its start), so a finished run's last checkpoint says so.
+                    epoch_done = self._epoch_ends_at_this_step()
+                    if epoch_done:
+                        self._roll_over_epoch()
                     progress.update(1)
                     self._after_optimizer_step(progress)
+                    if epoch_done:
+                        self._save_at_epoch_end()
                     if self._finished():
                         break
-                else:  # the epoch ran to its end
-                    state.epoch, state.step_in_epoch, state.epoch_samples_seen = state.epoch + 1, 0, 0
-                    every = self.config.checkpoint.save_every_epochs
-                    if every and state.epoch % every == 0:
-                        self._save()
+                else:  # the data ran dry before the epoch was known to be over (a stream)
+                    if state.epoch == epoch:
+                        self._roll_over_epoch()
+                        self._save_at_epoch_end()
             progress.close()
             return self._finish()
 
@@ -231,6 +236,20 @@ class Trainer:
         if signum:
             self._stop_on_signal(signum)
 
+    def _epoch_ends_at_this_step(self) -> bool:
+        """Whether this optimizer step consumed the last batch of the epoch (known up front for map-style data)."""
+        return self.train_data.epoch_ends_at(self.state.epoch_samples_seen)
+
+    def _roll_over_epoch(self) -> None:
+        state = self.state
+        state.epoch, state.step_in_epoch, state.epoch_samples_seen = state.epoch + 1, 0, 0
+        self.train_data.seek(state.epoch)  # the data's position moves with it (a save now resumes there)
+
+    def _save_at_epoch_end(self) -> None:
+        every = self.config.checkpoint.save_every_epochs
+        if every and self.state.epoch % every == 0:
+            self._save()
+
     def _finished(self) -> bool:
         cfg, state = self.config.train, self.state
         return (state.stopped_early or (cfg.max_steps and state.global_step >= cfg.max_steps)
@@ -272,11 +291,18 @@ class Trainer:
         """Runs the task's evaluation (and sample) without touching the training RNG streams."""
         if self.eval_loader is None:
             return {}
-        model = self.accelerator.unwrap_model(self.model)  # no DDP collectives: ranks may have unequal batches
+        model, device = self._eval_model(), self.accelerator.device
+        # Every rank runs the same number of batches (ShardedEvalSampler pads the shorter shards); the padding
+        # batches come last and only keep the forward passes in step: their results are dropped.
+        real = getattr(self.eval_loader.batch_sampler, "real_batches", None)
         with preserved_rng():
             model.eval()
             with torch.no_grad(), self.accelerator.autocast():
-                sums = evaluation_sums(self.task, model, self.eval_loader, self.accelerator.device)
+                batches = iter(self.eval_loader)
+                sums = evaluation_sums(self.task, model, itertools.islice(batches, real), device)
+                for batch in batches:
+                    for key in self.task.evaluate(model, send_to_device(batch, device)):
+                        sums.setdefault(key, torch.zeros((), dtype=torch.float64))  # a rank with no real batch
                 sample = self._write_sample(model)
             model.train()
         keys = sorted(sums)
@@ -289,12 +315,25 @@ class Trainer:
             logger.info(f"sample at step {self.state.global_step}:\n{sample}")
         return metrics
 
+    def _eval_model(self):
+        """The model evaluation and sampling run on every rank. Where parameters are sharded (FSDP, DeepSpeed)
+        it is the prepared one, whose forward pass is a collective; elsewhere the plain module: DDP's wrapper adds
+        nothing to a forward without gradients, and would hide methods such as `generate`."""
+        if self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED,
+                                                 DistributedType.MEGATRON_LM):
+            return self.model
+        return self.accelerator.unwrap_model(self.model)
+
     def _write_sample(self, model) -> str | None:
-        if self.task.sample is None or not self.is_main:
+        """Every rank generates the same sample (under sharding each forward pass is a collective); the main
+        process writes it."""
+        if self.task.sample is None:
             return None
         device = self.accelerator.device
         generator = torch.Generator(device=device).manual_seed(self.config.train.seed + self.state.global_step)
         text = self.task.sample(model, generator)
+        if not self.is_main:
+            return None
         samples = self.output_dir / "samples"
         samples.mkdir(parents=True, exist_ok=True)
         (samples / f"step_{self.state.global_step:09d}.txt").write_text(text)
@@ -329,7 +368,8 @@ class Trainer:
         state = self.state
         path = str(self.checkpoints.location(state.global_step))
         if self.checkpoints.last_saved_step != state.global_step:
-            metric = state.last_eval.get(self.config.eval.monitor) if state.last_eval_step == state.global_step else None
+            evaluated_now = state.last_eval_step == state.global_step
+            metric = state.last_eval.get(self.config.eval.monitor) if evaluated_now else None
             self._log_checkpoint(self.checkpoints.wait())  # the previous background save, if still in flight
             report = self.checkpoints.save(state.global_step, self._checkpoint_state(), metric)
             self._last_save_time = time.monotonic()
@@ -353,26 +393,19 @@ class Trainer:
                            f"save may be killed half-way. Use --async-save or raise the launcher's grace period")
 
     def _checkpoint_state(self) -> dict[str, Any]:
-        entry = certificate.local_entry(self._next_batch_digest(), certificate.planned_lrs(self.scheduler))
+        self.state.data_position = self.train_data.checkpoint_position()  # on every rank: streams gather
+        entry = certificate.local_entry(self.train_data.next_batch_digest(), certificate.planned_lrs(self.scheduler))
         return {**asdict(self.state), "task": self.task.name, "shape": self.task.shape,
                 "resume_certificate": certificate.gather_certificate(entry, self.accelerator.num_processes),
                 "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
                 "mixed_precision": self.accelerator.mixed_precision,
+                "lr_plan": self._lr_plan().to_dict(), "grad_accum": self.config.train.grad_accum,
                 "device": self.accelerator.device.type, "async": self.checkpoints.async_save,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
-    def _next_batch_digest(self) -> str:
-        """Identifies this rank's next micro-batch without loading it: its sample indices in the epoch order."""
-        epoch, position = self.state.epoch, self.state.epoch_samples_seen
-        if self.sampler.micro_steps_from(position) == 0:  # the epoch is used up: the next batch opens the next one
-            epoch, position = epoch + 1, 0
-        first = position + self.sampler.rank * self.sampler.batch_size
-        indices = self.sampler.epoch_order(epoch)[first:first + self.sampler.batch_size]
-        return certificate.digest("indices", indices)
-
     def _check_resume_certificate(self, saved: dict[str, Any] | None, path: Path) -> None:
         """Before the first resumed step: is the next step's input what it would have been without the stop?"""
-        entry = certificate.local_entry(self._next_batch_digest(), certificate.planned_lrs(self.scheduler))
+        entry = certificate.local_entry(self.train_data.next_batch_digest(), certificate.planned_lrs(self.scheduler))
         mine = certificate.differences(saved, entry, self.accelerator.process_index, self.accelerator.num_processes)
         differ = certificate.agree_on_differences(mine, self.accelerator.device)
         if not differ:
@@ -421,6 +454,7 @@ class Trainer:
         if shared is not None:
             check_every_node_sees(shared, self.accelerator)
         self._lock.acquire()
+        self.checkpoints.restore_replaced()  # before resolving: an interrupted re-save must not hide a checkpoint
         resolution = resolve_resume(cfg.resume, storage, cfg.verify_checksums)
         for skipped in resolution.skipped:
             logger.warning(f"skipping damaged checkpoint {skipped}")
@@ -437,32 +471,66 @@ class Trainer:
                                fingerprint=self.task.fingerprint, total_steps=self.total_steps)
         else:
             self._resume_from(resolution.path)
+        self.train_data.seek(self.state.epoch, self.state.epoch_samples_seen, self.state.data_position)
         self.checkpoints.clean_stale()  # only now: a refused start must not touch a run's leftovers
         if self.is_main:
             write_config(self.config, self.output_dir / "config.yaml")
         self._init_trackers()
         logger.info(f"{self.task.name}: {sum(p.numel() for p in self.model.parameters()):,} parameters, "
                     f"{self.accelerator.num_processes} process(es) on {self.accelerator.device}, "
-                    f"{self.sampler.steps_per_epoch} steps per epoch, {self.total_steps} steps planned")
+                    f"{self.train_data.describe()}, {self.train_data.steps_per_epoch or 'unknown'} steps per "
+                    f"epoch, {self.total_steps} steps planned")
 
     def _resume_from(self, source: Path | str) -> None:
         """Resumes from a checkpoint directory, or an object-store checkpoint (first downloaded by each node)."""
         path = self.checkpoints.fetch(source)
         saved = resume_checks.read_checkpoint_state(path)
         resume_checks.check_compatible(saved, self.task, self.config, self.accelerator.unwrap_model(self.model), path)
+        self.train_data.check_resume(saved.get("data_position"), saved.get("world_size", 1))
         loaded = self.checkpoints.load(path, fallback_seed=self.config.train.seed)
         known = {k: v for k, v in loaded.items() if k in TrainerState.__dataclass_fields__}
         self.state = TrainerState(**{**known, "world_size": self.accelerator.num_processes})
-        if loaded.get("world_size", 1) != self.accelerator.num_processes:
+        if loaded.get("world_size", 1) != self.accelerator.num_processes and self.train_data.kind == "map":
             logger.warning(f"world size changed from {loaded.get('world_size')} to {self.accelerator.num_processes}: "
                            f"continuing at sample {self.state.epoch_samples_seen} of epoch {self.state.epoch}; "
                            f"the run is correct but not bit-identical to an uninterrupted one")
+        self._continue_schedule(loaded)
+        self._continue_accumulation(loaded)
         self._check_resume_certificate(saved.get("resume_certificate"), path)  # before anything is rewritten
         dropped = self.metrics.rewind(self.state.global_step)
         self.metrics.event("resume", self.state.global_step, world_size=self.accelerator.num_processes,
                            checkpoint=str(source), from_world_size=loaded.get("world_size"), dropped_records=dropped)
         logger.info(f"resumed from {source} at step {self.state.global_step} (epoch {self.state.epoch}, "
                     f"sample {self.state.epoch_samples_seen} of the epoch)")
+
+    def _lr_plan(self) -> LRPlan:
+        cfg = self.config.train
+        return LRPlan(self.total_steps, cfg.warmup_steps, cfg.min_lr_ratio)
+
+    def _continue_schedule(self, loaded: dict[str, Any]) -> None:
+        """A resume with another plan (e.g. a new --max-steps) continues on the new plan from this step."""
+        saved, plan, step = LRPlan.from_dict(loaded.get("lr_plan")), self._lr_plan(), self.state.global_step
+        if saved is None or saved == plan:
+            return  # the same plan: the loaded scheduler and optimizer state continue it exactly
+        scheduler = self.scheduler.scheduler
+        logger.warning(plan_change(saved, plan, step, scheduler.base_lrs[0]))
+        # The loaded optimizer holds the old plan's lr for the next step; set the new plan's, as LambdaLR would.
+        factor = plan.factor()(step)
+        for group, base_lr in zip(self.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * factor
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # noqa: SLF001
+
+    def _continue_accumulation(self, loaded: dict[str, Any]) -> None:
+        """Accelerate syncs gradients when its restored micro-step counter is a multiple of grad_accum; a
+        checkpoint is always at an optimizer-step boundary, so a new grad_accum restarts the count at 0."""
+        saved = loaded.get("grad_accum") or ((loaded.get("config") or {}).get("train") or {}).get("grad_accum")
+        now = self.config.train.grad_accum
+        if saved is None or int(saved) == now:
+            return
+        self.accelerator.step = 0
+        logger.warning(f"grad_accum changed from {saved} to {now}: each optimizer step now takes {now} micro-batches "
+                       f"per rank instead of {saved}; the run continues at sample {self.state.epoch_samples_seen} of "
+                       f"epoch {self.state.epoch}")
 
     def _init_trackers(self) -> None:
         if self.config.eval.log_with == "none":

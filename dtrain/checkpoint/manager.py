@@ -6,7 +6,7 @@ The commit protocol (DESIGN.md):
      from a background thread); rank 0 adds `trainer_state.json`; agreement
   3. rank 0 hashes and fsyncs every file, writes `manifest.json` last, renames the temp dir to `step_N`,
      fsyncs `checkpoints/` and replaces the `latest` (and `best`) pointers atomically; agreement
-  4. rank 0 applies retention: rename to a `.trash-` name, then remove.
+  4. rank 0 applies retention to the lineage of `latest` (see lineage.py): rename to a `.trash-` name, then remove.
 Each "agreement" is an all-reduce of an ok flag, so a rank that failed never leaves the others waiting in a
 barrier, and every rank raises the same CheckpointError. A directory without a leading dot is always complete.
 
@@ -31,6 +31,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,8 +40,10 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 from dtrain import rng
-from dtrain.checkpoint.layout import (BEST, LATEST, TRAINER_STATE, parse_step, read_trainer_state,
-                                      step_dir_name, temp_dir_name, write_manifest)
+from dtrain.checkpoint.layout import (BEST, LATEST, TRAINER_STATE, current_lineage, parse_step, record_from_state,
+                                      read_trainer_state, step_dir_name, temp_dir_name, verify_checkpoint,
+                                      write_manifest)
+from dtrain.checkpoint.lineage import child_ancestry
 from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, best_checkpoint, checkpoints_to_delete
 from dtrain.checkpoint.object_store import is_uri, local_path
 from dtrain.checkpoint.snapshot import HostCopier, Snapshot, supports_snapshot, take_snapshot
@@ -51,11 +54,16 @@ from dtrain.utils import fsync_path, remove_tree
 
 logger = get_logger(__name__)
 
+# A checkpoint being replaced by a new save of its step waits under `.trash-step_N` + this until the new one is in.
+REPLACED_SUFFIX = "-replaced"
+
 # Points of the protocol after which tests inject faults (see `_reached`).
 STAGES = ("temp_created", "state_written", "manifest_written", "renamed", "pointers_written", "retention_done")
 # In an object store (no rename): after a rank's first uploaded file, and after all of them.
 UPLOAD_STAGES = ("upload_started", "uploaded")
 STAGING_DIR = ".staging"  # under the output dir: local copies of object-store checkpoints being saved or loaded
+# Reached only by a save of a step whose directory exists: between moving the old one aside and renaming in the new.
+RESAVE_STAGES = ("old_moved_aside",)
 
 
 @dataclass
@@ -85,6 +93,11 @@ class CheckpointManager:
         self.monitor = monitor
         self.verify_checksums = verify_checksums
         self.resumed_from: int | None = None
+        # The lineage (lineage.py) every checkpoint of this run records: a fresh id, the checkpoint the run
+        # started from and the runs that one descends from (set by `load`).
+        self.run_id = uuid.uuid4().hex[:12]
+        self.parent: str | None = None
+        self.ancestry: tuple[tuple[str | None, int], ...] = ()
         self.last_saved_step: int | None = None
         self._saves_started = 0  # for fault injection (DTRAIN_FAULT_AFTER_SAVES)
         self._last_bytes = 0  # size of the last committed checkpoint, to recognise a full disk
@@ -107,7 +120,8 @@ class CheckpointManager:
 
     def clean_stale(self) -> None:
         """Removes temp and trash directories (and half-written pointer files, `.latest.tmp-PID`) that a crash
-        left behind (rank 0), then waits for it. In an object store: the prefixes without a manifest (uploads a
+        left behind (rank 0), then waits for it. A checkpoint an interrupted re-save had moved aside is put
+        back first (see `restore_replaced`). In an object store: the prefixes without a manifest (uploads a
         crash cut short) and each node's local staging copies. A failure only warns: leftovers are never
         checkpoints."""
         if self.remote:
@@ -117,6 +131,7 @@ class CheckpointManager:
         def remove_leftovers() -> None:
             if not self.dir.is_dir():
                 return
+            self._restore_replaced_here()
             for path in self.dir.iterdir():
                 if path.name.startswith((".tmp-", ".trash-")) and path.is_dir():
                     remove_tree(path)
@@ -143,6 +158,27 @@ class CheckpointManager:
         if error is not None:
             logger.warning(f"could not remove unfinished uploads in {self.storage.url()} ({type(error).__name__}: "
                            f"{error}); they are never used as checkpoints")
+
+    def restore_replaced(self) -> None:
+        """Puts back, as it was, a checkpoint that a crash caught while a new save of its step was replacing it
+        (moved aside, the new one not yet renamed in): that save never committed (rank 0; then waits).
+        Nothing to do in an object store, where a re-save deletes the old checkpoint first."""
+        if self.remote:
+            return
+        _, error = run_and_agree(lambda: self.dir.is_dir() and self._restore_replaced_here(), self.is_main,
+                                 self.accelerator.device)
+        if error is not None:
+            raise CheckpointError(f"could not put back a checkpoint moved aside by an interrupted re-save in "
+                                  f"{self.dir}: {error}")
+
+    def _restore_replaced_here(self) -> None:
+        for aside in self.dir.glob(f".trash-step_*{REPLACED_SUFFIX}"):
+            final = self.dir / aside.name[len(".trash-"):-len(REPLACED_SUFFIX)]
+            if parse_step(final.name) is not None and not final.exists() and aside.is_dir():
+                os.rename(aside, final)
+                fsync_path(self.dir)
+                logger.warning(f"a save of {final.name} was interrupted while replacing the previous "
+                               f"{final.name}: that one is back, as it was")
 
     def discard_all(self) -> int:
         """For `--overwrite`: moves every checkpoint and pointer out of the way (rank 0). Returns how many."""
@@ -178,7 +214,9 @@ class CheckpointManager:
         self.wait()  # at most one save in flight; waiting for it counts as blocking
         temp = self._staging_dir(step)
         self._saves_started += 1
-        state = {**trainer_state, "checkpoint_metric": {"name": self.monitor, "value": metric}}
+        state = {**trainer_state, "checkpoint_metric": {"name": self.monitor, "value": metric},
+                 "run_id": self.run_id, "parent": self.parent,
+                 "ancestry": [{"run_id": run, "step": until} for run, until in self.ancestry]}
         self._on_all_ranks(step, temp, lambda: self._fresh_temp_dir(temp))
         if not self.async_save:
             self._on_all_ranks(step, temp, lambda: self._write_files(temp, state, None))
@@ -277,19 +315,30 @@ class CheckpointManager:
         fsync_path(temp)
         self._reached("manifest_written")
         final = self.dir / step_dir_name(step)
-        if final.exists():  # a re-save of this step (e.g. a damaged one that resume skipped)
-            remove_tree(final)
+        aside = None
+        if final.exists():  # a re-save of this step (a damaged one that resume skipped, or another lineage's)
+            # Moved aside, not deleted, until the new one is in: a crash in between leaves the old one to
+            # put back (clean_stale), never neither.
+            aside = self.dir / f".trash-{final.name}{REPLACED_SUFFIX}"
+            if aside.exists():
+                remove_tree(aside)
+            os.rename(final, aside)
+            self._reached("old_moved_aside")
         os.rename(temp, final)
         fsync_path(self.dir)
         self._reached("renamed")
+        if aside is not None:
+            remove_tree(aside)
         self._write_pointers(step)
         return {"bytes": total}
 
     def _write_pointers(self, step: int) -> None:
         self.storage.write_pointer(LATEST, step_dir_name(step))
-        best = best_checkpoint(self.timeline(step), self.policy.mode)
+        best = best_checkpoint(self.lineage(step), self.policy.mode)
         if best is not None:
             self.storage.write_pointer(BEST, step_dir_name(best.step))
+        else:  # no checkpoint of this lineage has the metric: a `best` of another lineage must not count
+            self.storage.delete_pointer(BEST)
         self._reached("pointers_written")
 
     # ----------------------------------------------------------------------------------------- object store
@@ -369,7 +418,9 @@ class CheckpointManager:
         if self.resumed_from is not None and (self.last_saved_step or -1) <= self.resumed_from:
             protected.add(self.resumed_from)  # until this run has committed a newer one
         deleted = []
-        for step in checkpoints_to_delete(self.timeline(latest_step), self.policy, protected):
+        # Only the lineage of `latest`: other lineages' checkpoints are left to `dtrain ckpt prune`.
+        lineage = self.lineage(latest_step) if latest_step is not None else []
+        for step in checkpoints_to_delete(lineage, self.policy, protected):
             try:
                 self.storage.delete(step_dir_name(step))  # an object store's manifest goes first
                 deleted.append(step_dir_name(step))
@@ -435,21 +486,9 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------------------------------- reading
 
-    def timeline(self, latest_step: int | None) -> list[CheckpointRecord]:
-        """Checkpoints up to the newest committed one. Newer ones come from an abandoned timeline (this run
-        resumed from an older checkpoint): retention and `best` leave them alone rather than count them."""
-        return [r for r in self.records() if latest_step is None or r.step <= latest_step]
-
-    def records(self) -> list[CheckpointRecord]:
-        out = []
-        for name in self.storage.step_names():
-            try:
-                metric = self.storage.read_trainer_state(name).get("checkpoint_metric") or {}
-            except (OSError, ValueError):
-                metric = {}
-            value = metric.get("value") if metric.get("name") == self.monitor else None
-            out.append(CheckpointRecord(parse_step(name), value))
-        return out
+    def lineage(self, head_step: int) -> list[CheckpointRecord]:
+        """The checkpoints `head_step` descends from (itself included), with the monitored metric."""
+        return current_lineage(self.storage, self.monitor, head_step)[0]
 
     def load(self, path: str | Path, fallback_seed: int = 0) -> dict[str, Any]:
         """Restores the prepared objects and this rank's RNG from a checkpoint; returns its trainer state."""
@@ -458,10 +497,17 @@ class CheckpointManager:
         self.accelerator.load_state(str(path))
         rng.restore(path, self.accelerator.process_index, fallback_seed=fallback_seed + int(state.get("global_step", 0)))
         self.resumed_from = self.last_saved_step = int(state.get("global_step", parse_step(path.name) or 0))
+        self.parent = path.name
+        self.ancestry = child_ancestry(record_from_state(state, self.resumed_from))
         return state
 
-    def verify(self, step: int, checksums: bool | None = None):
-        return self.storage.verify(step_dir_name(step), self.verify_checksums if checksums is None else checksums)
+    def verify(self, path: str | Path, checksums: bool | None = None):
+        """Verifies a checkpoint directory or object-store checkpoint URI."""
+        checksums = self.verify_checksums if checksums is None else checksums
+        if is_uri(path):
+            store, name = split_checkpoint_uri(str(path))
+            return store.verify(name, checksums)
+        return verify_checkpoint(Path(path), checksums)
 
 
 

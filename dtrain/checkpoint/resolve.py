@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dtrain.checkpoint.layout import BEST, LATEST, parse_step, verify_checkpoint
+from dtrain.checkpoint.layout import BEST, LATEST, checkpoint_records, lineage_head, parse_step, verify_checkpoint
+from dtrain.checkpoint.lineage import lineage_of
 from dtrain.checkpoint.object_store import is_uri, local_path
 from dtrain.checkpoint.storage import CheckpointLocation, CheckpointStorage, LocalDirectory, open_storage
 from dtrain.errors import UsageError
@@ -45,14 +46,21 @@ def resolve_resume(spec: str, checkpoints: CheckpointStorage | str | Path, check
 
 
 def find_latest(checkpoints: CheckpointStorage | str | Path, checksums: bool = False) -> Resolution:
-    """The `latest` pointer's checkpoint, or the next older complete one if it is damaged. The pointer is a
-    hint: the candidates are the listed checkpoints, each verified."""
+    """The `latest` pointer's checkpoint, or, if it is damaged, the next older complete one of its lineage.
+    The pointer is a hint: the candidates are the listed checkpoints (directories or prefixes), each verified.
+
+    Checkpoints of other lineages (saved after the checkpoint a later run resumed from) are never chosen.
+    Those whose trainer state cannot be read are tried in their place and reported as skipped."""
     storage = _storage(checkpoints)
-    candidates = list(reversed(storage.step_names()))
+    records = checkpoint_records(storage)
+    head = lineage_head(storage, records)
+    on_lineage = {r.step for r in lineage_of(records, head)} if head is not None else set()
+    readable = {r.step for r in records}
     pointed = storage.read_pointer(LATEST)
-    if pointed is not None:
-        # Checkpoints newer than the pointer belong to an abandoned timeline (a resume from an older one).
-        candidates = [n for n in candidates if parse_step(n) <= parse_step(pointed)]
+    limit = parse_step(pointed) if pointed is not None else None
+    candidates = [n for n in reversed(storage.step_names())
+                  if parse_step(n) in on_lineage
+                  or (parse_step(n) not in readable and (limit is None or parse_step(n) <= limit))]
     skipped = []
     for name in candidates:
         check = storage.verify(name, checksums)

@@ -27,6 +27,9 @@ class RetentionPolicy:
 class CheckpointRecord:
     step: int
     metric: float | None = None  # the monitored eval metric measured at this step, if any
+    run_id: str | None = None  # the run (one start or resume) that wrote it; None: not recorded (older dtrain)
+    # The runs this checkpoint's run descends from, newest first: (run id, last step taken from that run).
+    ancestry: tuple[tuple[str | None, int], ...] = ()
 
 
 def rank_by_metric(records: Iterable[CheckpointRecord], mode: str) -> list[CheckpointRecord]:

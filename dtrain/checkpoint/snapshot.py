@@ -2,11 +2,13 @@
 
 Taking the snapshot is the only part of an `--async-save` checkpoint that holds the training loop. Writing it
 produces the same files, with the same names and formats, as `save_state` (safetensors weights, torch.save'd
-optimizer/scheduler/scaler state, one `random_states_{rank}.pkl` per rank), so `Accelerator.load_state` loads it.
+optimizer/scheduler/scaler state, `custom_checkpoint_{i}.pkl` for each object registered with
+`register_for_checkpointing`, one `random_states_{rank}.pkl` per rank), so `Accelerator.load_state` loads it.
 """
 
 from __future__ import annotations
 
+import copy
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -96,6 +98,7 @@ class Snapshot:
     optimizers: list[dict] = field(default_factory=list)
     schedulers: list[dict] = field(default_factory=list)
     scaler: dict | None = None
+    custom: list[Any] = field(default_factory=list)  # states of registered objects (main process only)
     rng: dict[str, Any] = field(default_factory=dict)
     is_main: bool = False
 
@@ -108,6 +111,8 @@ class Snapshot:
                 accelerate_save(state, directory / _numbered("optimizer", "bin", i), safe_serialization=False)
             for i, state in enumerate(self.schedulers):
                 accelerate_save(state, directory / _numbered("scheduler", "bin", i), safe_serialization=False)
+            for i, state in enumerate(self.custom):  # Accelerate's save_custom_state names and format
+                accelerate_save(state, directory / f"custom_checkpoint_{i}.pkl", safe_serialization=False)
         if self.scaler is not None:
             torch.save(self.scaler, directory / "scaler.pt")
         torch.save(self.rng, directory / f"random_states_{self.process_index}.pkl")
@@ -129,6 +134,8 @@ def take_snapshot(accelerator: Accelerator, copier: HostCopier) -> Snapshot:
                            for i, o in enumerate(accelerator._optimizers)]  # noqa: SLF001
         snap.schedulers = [copier.copy(s.state_dict(), ("scheduler", i))
                            for i, s in enumerate(accelerator._schedulers)]  # noqa: SLF001
+        snap.custom = [_own_copy(obj.state_dict(), copier, ("custom", i))
+                       for i, obj in enumerate(accelerator._custom_objects)]  # noqa: SLF001
     if accelerator.scaler is not None:
         snap.scaler = copier.copy(accelerator.scaler.state_dict(), ("scaler",))
     # The same keys as Accelerate's save_accelerator_state, read now rather than when the file is written.
@@ -138,3 +145,15 @@ def take_snapshot(accelerator: Accelerator, copier: HostCopier) -> Snapshot:
         snap.rng["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
     copier.finish()
     return snap
+
+
+def _own_copy(value: Any, copier: HostCopier, key: tuple) -> Any:
+    """A registered object's state as it is now: tensors into host buffers, every other value deep-copied, since
+    the object may change while the background thread writes (its state_dict may return live references)."""
+    if isinstance(value, torch.Tensor):
+        return copier.copy(value, key)
+    if type(value) in (dict, OrderedDict):
+        return type(value)((k, _own_copy(v, copier, (*key, k))) for k, v in value.items())
+    if type(value) in (list, tuple):
+        return type(value)(_own_copy(v, copier, (*key, i)) for i, v in enumerate(value))
+    return copy.deepcopy(value)

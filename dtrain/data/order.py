@@ -23,11 +23,14 @@ class ResumableBatchSampler:
     """Yields this rank's micro-batches (lists of indices) for one epoch, from `start_sample` on.
 
     Each epoch holds a whole number of optimizer steps: micro-batches that would make an incomplete last
-    accumulation window are dropped (like `drop_last`), so every optimizer step boundary is a resumable point.
+    accumulation window are dropped, so every optimizer step boundary is a resumable point. With
+    `drop_last=False` an incomplete last global micro-batch is kept: its samples are split evenly across
+    ranks, topped up (fewer than world_size samples) from the start of the epoch's order so that no rank
+    goes without, as torch's DistributedSampler does.
     """
 
     def __init__(self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 grad_accum: int = 1, shuffle: bool = True):
+                 grad_accum: int = 1, shuffle: bool = True, drop_last: bool = True):
         if num_samples < batch_size * world_size * grad_accum:
             raise ValueError(f"the dataset has {num_samples} samples, fewer than one optimizer step needs "
                              f"(batch_size {batch_size} x world size {world_size} x grad_accum {grad_accum})")
@@ -38,6 +41,7 @@ class ResumableBatchSampler:
         self.seed = seed
         self.grad_accum = grad_accum
         self.shuffle = shuffle
+        self.drop_last = drop_last
         self.epoch = 0
         self.start_sample = 0
 
@@ -47,8 +51,10 @@ class ResumableBatchSampler:
         return self.batch_size * self.world_size
 
     def micro_steps_from(self, start_sample: int) -> int:
-        full = (self.num_samples - start_sample) // self.samples_per_micro_step
-        return full - full % self.grad_accum
+        remaining = self.num_samples - start_sample
+        per_step = self.samples_per_micro_step
+        steps = remaining // per_step if self.drop_last else -(-remaining // per_step)
+        return steps - steps % self.grad_accum
 
     @property
     def steps_per_epoch(self) -> int:
@@ -75,4 +81,14 @@ class ResumableBatchSampler:
         first = self.start_sample + self.rank * self.batch_size
         for step in range(len(self)):
             begin = first + step * per_step
-            yield order[begin:begin + self.batch_size].tolist()
+            if begin - self.rank * self.batch_size + per_step > self.num_samples:
+                yield self._last_partial(order, begin - self.rank * self.batch_size)
+            else:
+                yield order[begin:begin + self.batch_size].tolist()
+
+    def _last_partial(self, order: torch.Tensor, begin: int) -> list[int]:
+        """This rank's share of an incomplete last global micro-batch (drop_last=False)."""
+        remaining = self.num_samples - begin
+        per_rank = -(-remaining // self.world_size)
+        padded = torch.cat([order[begin:], order[:per_rank * self.world_size - remaining]])
+        return padded[self.rank * per_rank:(self.rank + 1) * per_rank].tolist()

@@ -1,7 +1,7 @@
 """Tasks: what to train (model, data, loss, metrics, samples) behind one small protocol.
 
 A task is a function `build(config: TaskConfig, seed: int) -> Task`. Built-in tasks are named (`charlm`,
-`regression`); a user task is `package.module:function` and is loaded the same way.
+`regression`, `causal-lm`); a user task is `package.module:function` and is loaded the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from dtrain.tasks.base import Task, default_evaluate
 
 __all__ = ["Task", "build_task", "default_evaluate"]
 
-BUILTIN = {"charlm": "dtrain.tasks.charlm:build", "regression": "dtrain.tasks.regression:build"}
+BUILTIN = {"charlm": "dtrain.tasks.charlm:build", "regression": "dtrain.tasks.regression:build",
+           "causal-lm": "dtrain.tasks.causal_lm:build"}
 
 
 def build_task(config: TaskConfig, seed: int) -> Task:

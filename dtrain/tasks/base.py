@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -38,11 +39,16 @@ def evaluation_sums(task: "Task", model: nn.Module, batches, device) -> dict[str
     return sums
 
 
+# Metrics that are no averages: a task sums their logarithm per sample, and reports exp(mean).
+EXP_OF_MEAN = ("perplexity",)
+
+
 def metrics_from_sums(totals: dict[str, float]) -> dict[str, float]:
-    """Per-sample metrics from summed ones: every sum divided by `count`."""
+    """Per-sample metrics from summed ones: every sum divided by `count` (exp of that for EXP_OF_MEAN)."""
     totals = dict(totals)
     count = float(totals.pop("count", 1.0)) or 1.0
-    return {key: float(value) / count for key, value in totals.items()}
+    means = {key: float(value) / count for key, value in totals.items()}
+    return {key: math.exp(min(value, 700.0)) if key in EXP_OF_MEAN else value for key, value in means.items()}
 
 
 @dataclass
@@ -51,11 +57,15 @@ class Task:
 
     - `loss(model, batch)` returns the mean loss of a micro-batch (it is what backward runs on).
     - `evaluate(model, batch)` returns metric SUMS over the batch plus a `count`; the trainer adds them up over
-      batches and ranks and divides by the count. Default: the loss, reported as `val_loss`.
+      batches and ranks and divides by the count. Default: the loss, reported as `val_loss`. A `perplexity`
+      sum is a sum of log-perplexities (losses): it is reported as exp of its mean.
     - `sample(model, generator)` optionally returns text written to `samples/` at each eval. It must draw
       random numbers only from `generator`, so evaluation never changes the training run's randomness.
     - `shape` holds the settings that decide the model's tensors; resuming with different ones is refused.
     - `fingerprint` identifies the data; a change is reported on resume.
+    - `train_data` is a map-style Dataset or an IterableDataset (a stream; then set --max-steps).
+    - `train_loader` (dtrain.data.LoaderSettings) keeps what a user's own DataLoader asked for;
+      `eval_batch_size` the eval DataLoader's batch size (default: --batch-size).
     """
 
     name: str
@@ -68,6 +78,8 @@ class Task:
     collate_fn: Callable | None = None
     shape: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
+    train_loader: Any = None
+    eval_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.evaluate is None:
@@ -75,9 +87,14 @@ class Task:
 
     @classmethod
     def from_pieces(cls, model: nn.Module, loss_fn, train_dataloader, eval_dataloader=None) -> "Task":
-        """Wraps a user's model, loss and DataLoaders (dtrain re-batches their datasets itself)."""
+        """Wraps a user's model, loss and DataLoaders. dtrain rebuilds the loaders so it can resume exactly, and
+        keeps what they say (see dtrain.data.loader.settings_from_dataloader); what it cannot keep is refused."""
+        from dtrain.data.loader import settings_from_dataloader
+
         return cls(name=type(model).__name__, model=model, train_data=train_dataloader.dataset, loss=loss_fn,
                    eval_data=eval_dataloader.dataset if eval_dataloader is not None else None,
                    collate_fn=train_dataloader.collate_fn,
+                   train_loader=settings_from_dataloader(train_dataloader),
+                   eval_batch_size=eval_dataloader.batch_size if eval_dataloader is not None else None,
                    shape={"model": type(model).__name__,
                           "parameters": {k: list(v.shape) for k, v in model.state_dict().items()}})

@@ -46,3 +46,29 @@ def crashing_regression(config, seed):
 
     task.loss = loss
     return task
+
+
+def counting_eval_regression(config, seed):
+    """The regression task with DTRAIN_TEST_EVAL_SAMPLES eval samples and a sampler; every evaluate and sample
+    call is appended to a per-rank file in DTRAIN_TEST_SEEN_DIR (to check that all ranks run the same number)."""
+    import torch
+    from torch.utils.data import Subset
+
+    task = regression.build(config, seed)
+    task.eval_data = Subset(task.eval_data, range(int(os.environ["DTRAIN_TEST_EVAL_SAMPLES"])))
+    log = Path(os.environ["DTRAIN_TEST_SEEN_DIR"]) / f"eval_calls_rank{os.environ.get('RANK', '0')}.txt"
+    evaluate = task.evaluate
+
+    def counted_evaluate(model, batch):
+        with open(log, "a") as f:
+            f.write(f"evaluate {len(batch[0])}\n")
+        return evaluate(model, batch)
+
+    def sample(model, generator):
+        with open(log, "a") as f:
+            f.write("sample\n")
+        x = torch.randn(1, regression.IN_FEATURES, generator=generator)
+        return f"f(x) = {model(x).item():.4f}"
+
+    task.evaluate, task.sample = counted_evaluate, sample
+    return task
