@@ -258,3 +258,24 @@ def test_an_s3_uri_without_the_s3_extra_is_one_usage_error(tmp_path, monkeypatch
     assert train_in_process(*ARGS, "--output-dir", str(out), "--checkpoint-dir", "s3://bucket/run") == 2
     err = capsys.readouterr().err
     assert err.count("dtrain: error:") == 1 and 'pip install -e ".[s3]"' in err and "Traceback" not in err
+
+
+def test_a_resume_from_an_older_checkpoint_starts_a_lineage_in_the_store(s3_bucket, tmp_path, capsys):
+    uri, out = f"{s3_bucket}/lineage", tmp_path / "run"
+    assert train_in_process(*ARGS, "--output-dir", str(out), "--checkpoint-dir", uri) == 0
+    store = ObjectStore(uri)
+    first_run = store.read_trainer_state("step_000000030")["run_id"]
+    # Back to step 10, saving every 15 steps now: step_20 of the first run is on another lineage; step_30 is
+    # saved again (the old one deleted first, manifest first).
+    assert train_in_process(*ARGS, "--save-every-steps", "15", "--output-dir", str(out), "--checkpoint-dir", uri,
+                            "--resume", f"{uri}/step_000000010") == 0
+    assert assert_consistent(store) == ["step_000000010", "step_000000015", "step_000000020", "step_000000030"]
+    again = store.read_trainer_state("step_000000030")
+    assert again["parent"] == "step_000000010" and again["run_id"] != first_run
+    capsys.readouterr()
+    assert cli_main(["ckpt", "list", uri, "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["step_000000020"]["other_lineage"] and not rows["step_000000015"]["other_lineage"]
+    assert rows["step_000000030"]["latest"]
+    assert cli_main(["ckpt", "prune", uri]) == 0  # without a rule: only the other lineage goes
+    assert store.step_names() == ["step_000000010", "step_000000015", "step_000000030"]
