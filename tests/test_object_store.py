@@ -110,6 +110,16 @@ def test_the_manifest_is_written_create_only(store, tmp_path):
     assert store.verify("step_000000010", checksums=True).ok  # the first commit stands
 
 
+def test_files_too_large_for_memory_are_streamed_in_parts_with_the_same_result(store, tmp_path, monkeypatch):
+    import dtrain.checkpoint.object_store as object_store
+
+    monkeypatch.setattr(object_store, "WHOLE_FILE_UPLOAD_BYTES", 1000)  # every file but the small ones streams
+    monkeypatch.setattr(object_store, "CHUNK", 4096)
+    files = commit_checkpoint(store, tmp_path / "staging")
+    assert store.verify("step_000000010", checksums=True).ok
+    assert store.read_bytes("step_000000010", "model.safetensors") == files["model.safetensors"]
+
+
 def test_a_retried_upload_overwrites_the_objects_of_the_failed_attempt(store, tmp_path):
     staged_files(tmp_path / "first", seed=1)
     store.upload(tmp_path / "first", "step_000000010", ["model.safetensors", "optimizer.bin"])  # died here

@@ -47,8 +47,6 @@ def run_two_nodes(runner, out0: Path, out1: Path, *extra: str, **env: str):
 def test_nodes_with_their_own_disks_resume_from_the_store_after_both_were_killed(runner, s3_bucket, tmp_path):
     uri = f"{s3_bucket}/nodes"
     node0, node1 = tmp_path / "node0", tmp_path / "node1"  # node-local disks: neither sees the other's
-    shared = tmp_path / "straight"  # the same job, undisturbed, on a filesystem both nodes share
-    straight = start_two_nodes(runner, shared, shared)
     # Both ranks die with SIGKILL in the middle of uploading step 20.
     codes, outputs = run_two_nodes(runner, node0, node1, "--checkpoint-dir", uri,
                                    DTRAIN_FAULT_AT="upload_started", DTRAIN_FAULT_AFTER_SAVES="1")
@@ -67,7 +65,10 @@ def test_nodes_with_their_own_disks_resume_from_the_store_after_both_were_killed
     assert not (node1 / "checkpoints").exists() and not any((node1 / ".staging").iterdir())
     assert not (node1 / "metrics.jsonl").exists()
 
-    codes, outputs = finish(straight)
+    # The same job, undisturbed, on a filesystem both nodes share. Not started alongside the others: a port
+    # that free_port() hands out may be taken meanwhile by another launch's workers.
+    shared = tmp_path / "straight"
+    codes, outputs = run_two_nodes(runner, shared, shared)
     assert codes == [0, 0], outputs[0][-3000:]
     from safetensors.torch import load
 

@@ -29,6 +29,8 @@ from dtrain.errors import UsageError
 CHUNK = 8 << 20  # bytes read/written per call while streaming (and hashing) a file
 PARALLEL_TRANSFERS = 4  # files moved at the same time by one process
 PROGRESS_MIN_BYTES = 256 << 20  # transfers at least this large show a progress bar (on the main process)
+WHOLE_FILE_UPLOAD_BYTES = 256 << 20  # files up to this size are uploaded from memory in one call
+STREAM_PART_BYTES = 64 << 20  # the part size of larger files, streamed (a multipart upload)
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -216,8 +218,14 @@ class ObjectStore:
             return dict(pool.map(send, names))
 
     def _upload_file(self, source: Path, target: str, advance: Callable[[int], object]) -> dict:
-        digest, size = hashlib.sha256(), 0
-        with open(source, "rb") as src, self.fs.open(target, "wb") as dst:
+        if source.stat().st_size <= WHOLE_FILE_UPLOAD_BYTES:
+            # Read once, hash, and hand the bytes to the store's own put (one request, or concurrent parts).
+            data = source.read_bytes()
+            self.fs.pipe_file(target, data)
+            advance(len(data))
+            return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        digest, size = hashlib.sha256(), 0  # too large to hold in memory: stream it, hashing as it goes
+        with open(source, "rb") as src, self.fs.open(target, "wb", block_size=STREAM_PART_BYTES) as dst:
             while chunk := src.read(CHUNK):
                 digest.update(chunk)
                 dst.write(chunk)
