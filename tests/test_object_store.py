@@ -191,3 +191,16 @@ def test_a_missing_s3_client_is_one_usage_error_naming_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules["fsspec.registry"]._registry, "s3", raising=False)
     with pytest.raises(UsageError, match=r'checkpoint_dir.*pip install -e "\.\[s3\]"'):
         open_filesystem("s3://bucket/prefix")
+
+
+def test_large_transfers_show_a_progress_bar_when_asked(store, tmp_path, monkeypatch, capsys):
+    import dtrain.checkpoint.object_store as object_store
+
+    files = staged_files(tmp_path / "staging")
+    store.upload(tmp_path / "staging", "step_000000010", files, progress=True)
+    assert "upload step_000000010" not in capsys.readouterr().err  # below the size that is worth a bar
+    monkeypatch.setattr(object_store, "PROGRESS_MIN_BYTES", 1000)
+    store.upload(tmp_path / "staging", "step_000000010", files, progress=False)  # not the main process
+    assert "upload step_000000010" not in capsys.readouterr().err
+    store.upload(tmp_path / "staging", "step_000000010", files, progress=True)
+    assert "upload step_000000010" in capsys.readouterr().err
