@@ -204,3 +204,12 @@ def test_large_transfers_show_a_progress_bar_when_asked(store, tmp_path, monkeyp
     assert "upload step_000000010" not in capsys.readouterr().err
     store.upload(tmp_path / "staging", "step_000000010", files, progress=True)
     assert "upload step_000000010" in capsys.readouterr().err
+
+
+def test_the_start_up_check_is_about_what_every_node_must_share(tmp_path):
+    from dtrain.shared_dir import directory_every_node_must_see
+
+    out = tmp_path / "run"
+    assert directory_every_node_must_see(out, out / "checkpoints") == out.absolute()  # the default
+    assert directory_every_node_must_see(out, tmp_path / "shared" / "ckpts") == (tmp_path / "shared" / "ckpts")
+    assert directory_every_node_must_see(out, None) is None  # an object store: nothing local is shared
