@@ -294,7 +294,7 @@ class Trainer:
         model, device = self._eval_model(), self.accelerator.device
         # Every rank runs the same number of batches (ShardedEvalSampler pads the shorter shards); the padding
         # batches come last and only keep the forward passes in step: their results are dropped.
-        real = getattr(self.eval_loader.batch_sampler, "real_batches", None)
+        real = getattr(getattr(self.eval_loader, "batch_sampler", None), "real_batches", None)  # None: all real
         with preserved_rng():
             model.eval()
             with torch.no_grad(), self.accelerator.autocast():
@@ -469,9 +469,9 @@ class Trainer:
             self.metrics.reset()
             self.metrics.event("start", 0, world_size=self.accelerator.num_processes, task=self.task.name,
                                fingerprint=self.task.fingerprint, total_steps=self.total_steps)
+            self.train_data.seek(0)
         else:
-            self._resume_from(resolution.path)
-        self.train_data.seek(self.state.epoch, self.state.epoch_samples_seen, self.state.data_position)
+            self._resume_from(resolution.path)  # the data is sought to the checkpoint's position there
         self.checkpoints.clean_stale()  # only now: a refused start must not touch a run's leftovers
         if self.is_main:
             write_config(self.config, self.output_dir / "config.yaml")
@@ -494,6 +494,7 @@ class Trainer:
             logger.warning(f"world size changed from {loaded.get('world_size')} to {self.accelerator.num_processes}: "
                            f"continuing at sample {self.state.epoch_samples_seen} of epoch {self.state.epoch}; "
                            f"the run is correct but not bit-identical to an uninterrupted one")
+        self.train_data.seek(self.state.epoch, self.state.epoch_samples_seen, self.state.data_position)
         self._continue_schedule(loaded)
         self._continue_accumulation(loaded)
         self._check_resume_certificate(saved.get("resume_certificate"), path)  # before anything is rewritten
