@@ -125,6 +125,45 @@ def load_weights(checkpoint: Path) -> dict:
     return load_file(str(checkpoint / "model.safetensors"))
 
 
+def final_checkpoint(run: Path) -> Path:
+    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+
+
+def assert_same_end(a: Path, b: Path) -> None:
+    """Two runs ended at the same step with the same weights and optimizer state, bit for bit."""
+    import torch
+    from accelerate.utils import load as safe_load
+
+    ca, cb = final_checkpoint(a), final_checkpoint(b)
+    assert ca.name == cb.name
+    assert same_tensors(load_weights(ca), load_weights(cb)), "final weights differ"
+    oa, ob = safe_load(ca / "optimizer.bin"), safe_load(cb / "optimizer.bin")
+    for key, state in oa["state"].items():
+        for name, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(ob["state"][key][name])), f"optimizer {name}"
+
+
+LAUNCHERS = ("accelerate.commands.launch", "torch.distributed.run")
+
+
+def trainer_pids(out: Path) -> dict[int, int]:
+    """rank -> pid of the training processes writing to `out` (not the launcher)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in cmdline]
+        if any(a.endswith("train.py") for a in args) and str(out) in args and not set(LAUNCHERS) & set(args):
+            env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
+            found[int(env.get("RANK", "0"))] = int(entry.name)
+    return found
+
+
 def same_tensors(a: dict, b: dict) -> bool:
     import torch
 

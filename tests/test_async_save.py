@@ -112,7 +112,8 @@ def test_background_write_failure_stops_the_run_with_the_clear_error(runner, tmp
 
 
 def test_two_ranks_saving_every_step_asynchronously_stop_together_on_sigterm(runner, tmp_path):
-    from test_interrupts import assert_interrupt_checkpoint, both_ranks_stopped_at, trainer_pids
+    from conftest import trainer_pids
+    from test_interrupts import assert_interrupt_checkpoint, both_ranks_stopped_at
 
     out = tmp_path / "run"
     proc = runner.start(train_cmd(*LONG, "--save-every-steps", "1", "--async-save", "--keep-last", "3",

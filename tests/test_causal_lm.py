@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, load_weights, same_tensors, train_cmd, wait_for
+from conftest import REPO, assert_same_end, final_checkpoint, same_tensors, train_cmd, wait_for
 
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
@@ -54,22 +54,6 @@ def write_model_config(path: Path, kind: str, tied: bool, vocab_size: int = 256)
     return path
 
 
-def final_checkpoint(run: Path) -> Path:
-    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-
-
-def assert_same_training_state(a: Path, b: Path) -> None:
-    from accelerate.utils import load as safe_load
-
-    ca, cb = final_checkpoint(a), final_checkpoint(b)
-    assert ca.name == cb.name
-    assert same_tensors(load_weights(ca), load_weights(cb)), "final weights differ"
-    oa, ob = safe_load(ca / "optimizer.bin"), safe_load(cb / "optimizer.bin")
-    for key, state in oa["state"].items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(ob["state"][key][name])), f"optimizer {name}"
-
-
 def run_interrupted_at(runner, cmd: list[str], out: Path, step: int, processes: int) -> str:
     """Runs `cmd`, which waits after optimizer `step` until a signal comes; sends SIGTERM; expects a clean stop."""
     proc = runner.start(cmd, cwd=REPO, PYTHONPATH=f"{REPO}{os.pathsep}{SITE_HOOKS}",
@@ -107,7 +91,7 @@ def test_sigterm_and_resume_is_bit_identical_to_a_straight_run(runner, tmp_path,
     resumed = runner.run(train_cmd(*args, "--output-dir", str(stopped), "--resume", "latest", processes=processes),
                          cwd=REPO)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert_same_training_state(straight, stopped)
+    assert_same_end(straight, stopped)
     records = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r.get("event") == "resume"] == [5]
     evals = [r for r in records if "val_loss" in r]
@@ -126,7 +110,7 @@ def test_streaming_text_files_resume_bit_identical(runner, tmp_path):
     assert straight_run.returncode == 0, output[-3000:]
     resumed = runner.run(train_cmd(*args, "--output-dir", str(stopped), "--resume", "latest"), cwd=REPO)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
-    assert_same_training_state(straight, stopped)
+    assert_same_end(straight, stopped)
 
 
 # ---------------------------------------------------------------------------------------------- in-process

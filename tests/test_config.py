@@ -14,7 +14,7 @@ from dtrain import cli
 from dtrain.config import FIELDS, QUICK_PRESET, Config, config_from_args, read_config_file
 from dtrain.train import build_parser, main
 
-# CONTRACT section 2: these flag names are fixed.
+# Flag names users and scripts rely on: fixed.
 CONTRACT_FLAGS = [
     "--config", "--output-dir", "--task", "--data", "--device", "--seed", "--epochs", "--max-steps", "--batch-size",
     "--grad-accum", "--lr", "--mixed-precision", "--eval-every-steps", "--log-every-steps", "--save-every-steps",

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST, REPO, TRAIN, free_port, load_weights, same_tensors, wait_for
+from conftest import FAST, REPO, TRAIN, free_port, load_weights, same_tensors, trainer_pids, wait_for
 
 from dtrain.exit_status import read as read_status
 
@@ -27,21 +27,6 @@ def elastic_cmd(out: Path) -> list[str]:
 ELASTIC_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
-def worker_pid(out: Path, rank: int) -> int | None:
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if str(out).encode() in args and f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ \
-                and b"torch.distributed.run" not in args:
-            return int(entry.name)
-    return None
-
-
 @pytest.mark.slow
 def test_worker_killed_mid_run_is_restarted_and_the_job_ends_as_an_undisturbed_one(runner, tmp_path):
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
@@ -50,9 +35,8 @@ def test_worker_killed_mid_run_is_restarted_and_the_job_ends_as_an_undisturbed_o
 
     proc = runner.start(elastic_cmd(elastic), cwd=REPO, **ELASTIC_ENV)
     wait_for(lambda: (elastic / "checkpoints" / "latest").exists(), what="first checkpoint")
-    victim = worker_pid(elastic, rank=1)
-    assert victim is not None
-    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: 1 in trainer_pids(elastic), what="rank 1")
+    os.kill(trainer_pids(elastic)[1], signal.SIGKILL)
     output, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, output[-3000:]
     assert "resumed from" in output, "the restarted round did not resume from a checkpoint"

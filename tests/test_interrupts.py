@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO, TRAIN, child_env, wait_for
+from conftest import FAST, REPO, TRAIN, child_env, trainer_pids, wait_for
 from dtrain.checkpoint.layout import verify_checkpoint
 
 # Long enough never to finish on its own during a test; saves every 20 steps.
@@ -42,24 +42,6 @@ def assert_interrupt_checkpoint(out: Path, signame: str, world_size: int = 1) ->
     saves_of_step = [r for r in rs if r.get("event") == "checkpoint" and r["step"] == step]
     assert len(saves_of_step) == 1, "exactly one save of the interrupt step"
     return step
-
-
-def trainer_pids(out: Path) -> dict[int, int]:
-    """rank -> pid of the training processes writing to `out` (not the launcher)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            environ = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in cmdline]
-        if any(a.endswith("train.py") for a in args) and str(out) in args and "accelerate.commands.launch" not in args:
-            env = dict(e.decode(errors="replace").split("=", 1) for e in environ if b"=" in e)
-            found[int(env.get("RANK", "0"))] = int(entry.name)
-    return found
 
 
 def assert_no_process_left(out: Path) -> None:

@@ -6,7 +6,6 @@ from a damaged `latest`, `ckpt list` / `ckpt prune`, and a re-save of an existin
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

@@ -10,26 +10,12 @@ import pytest
 import torch
 from accelerate.utils import load as safe_load
 
-from conftest import FAST, REPO, load_weights, same_tensors, train_cmd
+from conftest import FAST, REPO, assert_same_end, final_checkpoint, train_cmd
 from dtrain.data import ResumableBatchSampler
 
 # 2 epochs of 128 steps; checkpoints every 40 steps; dropout on, so RNG restore matters.
 EXACT = [*FAST, "--epochs", "2", "--max-steps", "0", "--dropout", "0.1", "--save-every-steps", "40",
          "--keep-last", "0"]
-
-
-def final_checkpoint(run: Path) -> Path:
-    return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
-
-
-def assert_same_end(a: Path, b: Path) -> None:
-    ca, cb = final_checkpoint(a), final_checkpoint(b)
-    assert ca.name == cb.name
-    assert same_tensors(load_weights(ca), load_weights(cb)), "final weights differ"
-    oa, ob = safe_load(ca / "optimizer.bin"), safe_load(cb / "optimizer.bin")
-    for key, state in oa["state"].items():
-        for name, value in state.items():
-            assert torch.equal(torch.as_tensor(value), torch.as_tensor(ob["state"][key][name])), f"optimizer {name}"
 
 
 @pytest.fixture(scope="module")

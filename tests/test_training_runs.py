@@ -47,7 +47,7 @@ def test_two_processes_really_run_two_ranks_with_identical_parameters(runner, tm
 
 
 def test_world_size_above_one_that_ends_with_one_rank_is_an_error(monkeypatch, capsys, tmp_path):
-    # What DESIGN.md saw with torchrun on a CPU box without cpu=True: WORLD_SIZE=2, yet each rank alone.
+    # What we saw with torchrun on a CPU box without cpu=True: WORLD_SIZE=2, yet each rank alone.
     import dtrain.runtime
     from dtrain.train import main
 

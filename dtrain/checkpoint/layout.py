@@ -1,4 +1,4 @@
-"""Names and files of the checkpoint directory (CONTRACT section 4), and reading/verifying them."""
+"""Names and files of the checkpoint directory (docs/checkpoints.md), and reading/verifying them."""
 
 from __future__ import annotations
 

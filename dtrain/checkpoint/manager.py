@@ -1,6 +1,6 @@
 """The CheckpointManager: atomic, verified checkpoints through Accelerate's save_state/load_state.
 
-The commit protocol (DESIGN.md):
+The commit protocol (docs/checkpoints.md):
   1. rank 0 creates a fresh `.tmp-step_N` (one deterministic name shared by all ranks); agreement
   2. every rank calls `save_state` into it (or, with async saves, writes its host snapshot of the same state
      from a background thread); rank 0 adds `trainer_state.json`; agreement
