@@ -202,6 +202,8 @@ class Trainer:
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.config.train.grad_clip:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
+            if self.accelerator.sync_gradients:
+                self.checkpoints.before_optimizer_step()  # an async save may still be copying the weights
             self.optimizer.step()
             if self.accelerator.sync_gradients:
                 self.scheduler.step()

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, Mapping
 
 from dtrain.checkpoint.lineage import lineage_of
 from dtrain.checkpoint.retention import CheckpointRecord
@@ -138,23 +139,35 @@ def checkpoint_files(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(path: Path, step: int) -> int:
-    """Hashes and fsyncs every file, then writes manifest.json last. Returns the total bytes."""
+def write_manifest(path: Path, step: int, written: Mapping[str, Any] | None = None) -> int:
+    """Writes manifest.json last, after every file is on disk. Returns the total bytes.
+
+    `written` maps names to the size and sha256 (`.size`, `.sha256`) of files that were hashed while they were
+    written and are already fsynced (dtrain.checkpoint.writer); every other file (another rank's, or one that
+    `save_state` wrote) is hashed from the page cache and fsynced here.
+    """
+    written = dict(written or {})
     names = checkpoint_files(path)
+    for name in names:
+        known = written.get(name)
+        if known is not None and (path / name).stat().st_size != known.size:
+            written.pop(name)  # changed since it was written: hash what is there
+    others = [n for n in names if n not in written]
     # Flushing to disk and hashing (from the page cache) overlap: the fsyncs wait on the disk, the hashes on
     # the CPU (hashlib releases the GIL), so the commit costs about the larger of the two, not their sum.
-    with ThreadPoolExecutor(max_workers=min(8, max(2, 2 * len(names)))) as pool:
-        flushed = [pool.submit(_fsync_file, path / n) for n in names]
-        digests = list(pool.map(lambda n: _file_digest(path / n), names))
+    with ThreadPoolExecutor(max_workers=min(8, max(2, 2 * len(others)))) as pool:
+        flushed = [pool.submit(_fsync_file, path / n) for n in others]
+        hashed = dict(zip(others, pool.map(lambda n: _file_digest(path / n), others)))
         for future in flushed:
             future.result()
-    files = {name: {"size": size, "sha256": sha} for name, (size, sha) in zip(names, digests)}
+    digests = {n: hashed[n] if n in hashed else (written[n].size, written[n].sha256) for n in names}
+    files = {name: {"size": size, "sha256": sha} for name, (size, sha) in digests.items()}
     manifest = {"format": FORMAT, "step": step, "files": files,
                 "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1))
     for sub in {(path / n).parent for n in names}:
         fsync_path(sub)
-    return sum(size for size, _ in digests)
+    return sum(size for size, _ in digests.values())
 
 
 @dataclass

@@ -46,8 +46,9 @@ from dtrain.checkpoint.layout import (BEST, LATEST, TRAINER_STATE, current_linea
 from dtrain.checkpoint.lineage import child_ancestry
 from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, best_checkpoint, checkpoints_to_delete
 from dtrain.checkpoint.object_store import is_uri, local_path
-from dtrain.checkpoint.snapshot import HostCopier, Snapshot, supports_snapshot, take_snapshot
+from dtrain.checkpoint.snapshot import HostCopier, Snapshot, supports_snapshot, take_snapshot, writes_like_save_state
 from dtrain.checkpoint.storage import CheckpointLocation, open_storage, split_checkpoint_uri
+from dtrain.checkpoint.writer import TEXT, write_files
 from dtrain.distributed import all_ranks_ok, gather_objects, new_side_group, run_and_agree
 from dtrain.errors import CheckpointError, UsageError
 from dtrain.utils import fsync_path, remove_tree
@@ -106,7 +107,9 @@ class CheckpointManager:
             logger.warning(f"--async-save is not supported with {accelerator.distributed_type}: saving synchronously")
         self._copier = HostCopier()
         self._in_flight: threading.Thread | None = None
+        self._copied: threading.Event | None = None  # set once an async save's deferred copy is done
         self._result: SaveReport | BaseException | None = None
+        self._written: dict = {}  # name -> size and sha256 of the files this rank wrote for the save in progress
         self.background_error: BaseException | None = None
         # Background threads agree over their own gloo group, never over the training loop's (TorchTitan does
         # the same): collectives of two threads on one group could interleave or deadlock.
@@ -221,14 +224,29 @@ class CheckpointManager:
         if not self.async_save:
             self._on_all_ranks(step, temp, lambda: self._write_files(temp, state, None))
             return self._commit_and_prune(step, temp, started, blocking=None)
-        snapshot = take_snapshot(self.accelerator, self._copier)
+        # Parameters and optimizer state are copied by the background thread while the loop runs the next
+        # forward/backward; before_optimizer_step() holds the loop only if that copy is not done by then.
+        snapshot = take_snapshot(self.accelerator, self._copier, defer=True)
         self.last_saved_step = step
         timing = self._timing = {"started": started}
+        self._copied = threading.Event()
         self._in_flight = threading.Thread(target=self._commit_in_background, name="dtrain-async-save",
-                                           args=(step, temp, state, snapshot, timing), daemon=True)
+                                           args=(step, temp, state, snapshot, timing, self._copied), daemon=True)
         self._in_flight.start()
         timing["blocking"] = time.perf_counter() - started  # after start(): the thread's launch holds us too
         return SaveReport(step, self.location(step), 0, timing["blocking"], float("nan"))
+
+    def before_optimizer_step(self) -> None:
+        """Call right before every optimizer.step(): waits until an async save's copy of the parameters and
+        optimizer state is complete (usually it long is), so the step cannot change them under it."""
+        copied = self._copied
+        if copied is None:
+            return
+        started = time.perf_counter()
+        while not copied.wait(0.1):  # short waits keep signal handlers responsive
+            pass
+        self._copied = None
+        self._timing["blocking"] += time.perf_counter() - started  # the loop was held for the save
 
     def poll(self) -> SaveReport | None:
         """The report of a background save that has finished since the last call (non-blocking), else None.
@@ -257,9 +275,16 @@ class CheckpointManager:
         return result
 
     def _commit_in_background(self, step: int, temp: Path, state: dict[str, Any], snapshot: Snapshot,
-                              timing: dict[str, float]) -> None:
+                              timing: dict[str, float], copied: threading.Event) -> None:
+        def copy_and_write() -> None:
+            try:
+                self._copier.copy_deferred()
+            finally:
+                copied.set()  # also on failure: the loop must not wait forever (the error comes with the report)
+            self._write_files(temp, state, snapshot)
+
         try:
-            self._on_all_ranks(step, temp, lambda: self._write_files(temp, state, snapshot), self._side_group)
+            self._on_all_ranks(step, temp, copy_and_write, self._side_group)
             self._result = self._commit_and_prune(step, temp, timing["started"], 0.0, self._side_group)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self._result = exc
@@ -302,16 +327,22 @@ class CheckpointManager:
         self._reached("temp_created")
 
     def _write_files(self, temp: Path, state: dict[str, Any], snapshot: Snapshot | None) -> None:
+        """Writes this rank's files in one pass (hashed while written, fsynced: the commit need not re-read
+        them) when a snapshot covers what save_state writes; otherwise through save_state itself."""
+        files: list[tuple[str, str, Any]] = []
+        if snapshot is None and writes_like_save_state(self.accelerator):
+            snapshot = take_snapshot(self.accelerator, None)  # references: the loop waits for this save
         if snapshot is None:
             self.accelerator.save_state(str(temp))
         else:
-            snapshot.write(temp)
+            files = snapshot.files()
         if self.is_main:
-            (temp / TRAINER_STATE).write_text(json.dumps(state, indent=1, default=str))
+            files.append((TRAINER_STATE, TEXT, json.dumps(state, indent=1, default=str)))
+        self._written = write_files(temp, files)
         self._reached("state_written")
 
     def _commit(self, temp: Path, step: int) -> dict[str, Any]:
-        total = write_manifest(temp, step)
+        total = write_manifest(temp, step, self._written)
         fsync_path(temp)
         self._reached("manifest_written")
         final = self.dir / step_dir_name(step)

@@ -4,6 +4,8 @@ Taking the snapshot is the only part of an `--async-save` checkpoint that holds 
 produces the same files, with the same names and formats, as `save_state` (safetensors weights, torch.save'd
 optimizer/scheduler/scaler state, `custom_checkpoint_{i}.pkl` for each object registered with
 `register_for_checkpointing`, one `random_states_{rank}.pkl` per rank), so `Accelerator.load_state` loads it.
+A synchronous save uses the same listing without the copy (`take_snapshot(accelerator, None)`: references to the
+live state, which nothing changes while the loop waits), so both write through the one-pass writer.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import save as accelerate_save
+from accelerate.utils import clean_state_dict_for_safetensors
+
+from dtrain.checkpoint.writer import SAFETENSORS, TORCH, FileDigest, write_files
 
 
 def _numbered(name: str, ext: str, index: int) -> str:
@@ -37,6 +41,11 @@ class HostCopier:
     def __init__(self):
         self._storages: dict[tuple, torch.Tensor] = {}  # host bytes, by the key of the first tensor on them
         self._pending_cuda = False
+        # Storages whose copy may wait until `copy_deferred` (see take_snapshot(defer=True)), and those copies.
+        self.defer_storages: set[int] = set()
+        self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._ready: torch.cuda.Event | None = None  # the GPU work that produced the deferred sources
+        self._stream: torch.cuda.Stream | None = None
 
     def copy(self, value: Any, key: tuple = ()) -> Any:
         """A host copy of `value` (tensors, possibly nested in dicts, lists and tuples; other values as they are)."""
@@ -71,8 +80,11 @@ class HostCopier:
             copied[storage_id] = (host_bytes, views)
         view = torch.empty(0, dtype=tensor.dtype).set_(host_bytes.untyped_storage(), tensor.storage_offset(),
                                                        tensor.shape, tensor.stride())
-        view.copy_(tensor, non_blocking=on_gpu)
-        self._pending_cuda |= on_gpu
+        if storage.data_ptr() in self.defer_storages:  # copied by copy_deferred, during the next step
+            self._deferred.append((view, tensor))
+        else:
+            view.copy_(tensor, non_blocking=on_gpu)
+            self._pending_cuda |= on_gpu
         views[layout] = view
         return view
 
@@ -89,6 +101,25 @@ class HostCopier:
         if self._pending_cuda:
             torch.cuda.synchronize()
             self._pending_cuda = False
+        if any(source.is_cuda for _, source in self._deferred):
+            self._ready = torch.cuda.Event()
+            self._ready.record()  # on the training stream, after the step that produced the sources
+
+    def copy_deferred(self) -> None:
+        """Makes the copies `copy` left for later and waits for them (GPU ones run on a side stream into pinned
+        buffers, so the training stream goes on meanwhile)."""
+        deferred, self._deferred = self._deferred, []
+        on_gpu = [(buffer, source) for buffer, source in deferred if source.is_cuda]
+        for buffer, source in deferred:
+            if not source.is_cuda:
+                buffer.copy_(source)
+        if on_gpu:
+            self._stream = self._stream or torch.cuda.Stream()
+            self._stream.wait_event(self._ready)
+            with torch.cuda.stream(self._stream):
+                for buffer, source in on_gpu:
+                    buffer.copy_(source, non_blocking=True)
+            self._stream.synchronize()
 
 
 @dataclass
@@ -102,20 +133,46 @@ class Snapshot:
     rng: dict[str, Any] = field(default_factory=dict)
     is_main: bool = False
 
-    def write(self, directory: Path) -> None:
-        """Writes the files `save_state` would write, from this process."""
+    def files(self) -> list[tuple[str, str, Any]]:
+        """(name, format, object) of the files `save_state` would write from this process."""
+        files = []
         if self.is_main:
             for i, state in enumerate(self.models):
-                accelerate_save(state, directory / _numbered("model", "safetensors", i), safe_serialization=True)
-            for i, state in enumerate(self.optimizers):
-                accelerate_save(state, directory / _numbered("optimizer", "bin", i), safe_serialization=False)
-            for i, state in enumerate(self.schedulers):
-                accelerate_save(state, directory / _numbered("scheduler", "bin", i), safe_serialization=False)
-            for i, state in enumerate(self.custom):  # Accelerate's save_custom_state names and format
-                accelerate_save(state, directory / f"custom_checkpoint_{i}.pkl", safe_serialization=False)
+                if isinstance(state, OrderedDict):  # what Accelerate's save does before safetensors
+                    state = clean_state_dict_for_safetensors(state)
+                files.append((_numbered("model", "safetensors", i), SAFETENSORS, state))
+            files += [(_numbered("optimizer", "bin", i), TORCH, state) for i, state in enumerate(self.optimizers)]
+            files += [(_numbered("scheduler", "bin", i), TORCH, state) for i, state in enumerate(self.schedulers)]
+            # Accelerate's save_custom_state names and format
+            files += [(f"custom_checkpoint_{i}.pkl", TORCH, state) for i, state in enumerate(self.custom)]
         if self.scaler is not None:
-            torch.save(self.scaler, directory / "scaler.pt")
-        torch.save(self.rng, directory / f"random_states_{self.process_index}.pkl")
+            files.append(("scaler.pt", TORCH, self.scaler))
+        files.append((f"random_states_{self.process_index}.pkl", TORCH, self.rng))
+        return files
+
+    def write(self, directory: Path) -> dict[str, FileDigest]:
+        """Writes the files `save_state` would write, from this process, in one pass (hashed while written,
+        fsynced); returns their sizes and sha256 for the manifest."""
+        return write_files(directory, self.files())
+
+
+class _NoCopy:
+    defer_storages: set[int] = set()
+
+    def copy(self, value: Any, key: tuple = ()) -> Any:
+        return value
+
+    def finish(self) -> None:
+        pass
+
+
+def writes_like_save_state(accelerator: Accelerator) -> bool:
+    """Whether a snapshot's files are all that `save_state` would write: no sharded state, nothing that only
+    `save_state` knows how to save (its pre-hooks, prepared dataloaders, registered objects), and the main
+    process alone writes the weights (no `save_on_each_node`)."""
+    return (supports_snapshot(accelerator) and not accelerator._save_model_state_pre_hook  # noqa: SLF001
+            and not accelerator._dataloaders and not accelerator._custom_objects  # noqa: SLF001
+            and not accelerator.project_configuration.save_on_each_node)
 
 
 def supports_snapshot(accelerator: Accelerator) -> bool:
@@ -124,8 +181,34 @@ def supports_snapshot(accelerator: Accelerator) -> bool:
                                                      "FSDP", "DEEPSPEED", "MEGATRON_LM")
 
 
-def take_snapshot(accelerator: Accelerator, copier: HostCopier) -> Snapshot:
-    """Copies model, optimizer, scheduler, scaler and RNG state to host memory (call on every rank)."""
+def take_snapshot(accelerator: Accelerator, copier: HostCopier | None, defer: bool = False) -> Snapshot:
+    """Copies model, optimizer, scheduler, scaler and RNG state to host memory (call on every rank).
+    Without a copier it holds references to the live state instead: for a save that writes before training goes on.
+
+    With `defer`, parameters and optimizer state - which only `optimizer.step()` changes - are copied later, by
+    `copier.copy_deferred()`, which must finish before the next optimizer step; everything else (buffers, which
+    a forward pass may change, scheduler, scaler, RNG) is copied now.
+    """
+    if copier is None:
+        copier = _NoCopy()
+    elif defer:
+        copier.defer_storages = _storages_changed_only_by_optimizer_steps(accelerator)
+    try:
+        snap = _take(accelerator, copier)
+    finally:
+        copier.defer_storages = set()
+    return snap
+
+
+def _storages_changed_only_by_optimizer_steps(accelerator: Accelerator) -> set[int]:
+    storages = {p.untyped_storage().data_ptr() for m in accelerator._models for p in m.parameters()}  # noqa: SLF001
+    for optimizer in accelerator._optimizers:  # noqa: SLF001
+        for state in optimizer.state.values():
+            storages |= {v.untyped_storage().data_ptr() for v in state.values() if isinstance(v, torch.Tensor)}
+    return storages
+
+
+def _take(accelerator: Accelerator, copier) -> Snapshot:
     snap = Snapshot(process_index=accelerator.process_index, is_main=accelerator.is_main_process)
     models = [accelerator.get_state_dict(m, unwrap=False) for m in accelerator._models]  # noqa: SLF001
     if snap.is_main:

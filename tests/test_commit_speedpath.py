@@ -1,0 +1,137 @@
+"""The one-pass commit: files hashed while written are exactly what `save_state` writes, and the manifest's
+checksums are those of the bytes on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
+from torch import nn
+
+from conftest import load_weights, same_tensors
+from dtrain.checkpoint import CheckpointManager
+from dtrain.checkpoint.layout import MANIFEST, verify_checkpoint
+from dtrain.checkpoint.writer import SAFETENSORS, TEXT, TORCH, write_files
+
+
+def _prepared(seed: int = 0):
+    torch.manual_seed(seed)
+    accelerator = Accelerator(cpu=True)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    for _ in range(2):  # a filled optimizer state and a moved scheduler
+        accelerator.backward(model(torch.randn(4, 64)).square().mean())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return accelerator, model, optimizer, scheduler
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_write_files_returns_the_size_and_sha256_of_what_is_on_disk(tmp_path):
+    big = {"w": torch.randn(1024, 1024), "b": torch.arange(10)}  # 4 MB: hashed on the helper thread, in chunks
+    digests = write_files(tmp_path, [("model.safetensors", SAFETENSORS, {"w": big["w"]}),
+                                     ("state.bin", TORCH, big), ("note.json", TEXT, '{"a": 1}')])
+    assert set(digests) == {"model.safetensors", "state.bin", "note.json"}
+    for name, digest in digests.items():
+        assert digest.size == (tmp_path / name).stat().st_size
+        assert digest.sha256 == _sha256(tmp_path / name), name
+    assert torch.equal(torch.load(tmp_path / "state.bin", weights_only=True)["w"], big["w"])
+
+
+def test_sync_commit_writes_the_files_save_state_writes_and_plain_accelerate_loads_them(tmp_path,
+                                                                                        fresh_accelerate_state):
+    accelerator, model, optimizer, scheduler = _prepared()
+    reference = tmp_path / "save_state"
+    accelerator.save_state(str(reference))
+    report = CheckpointManager(accelerator, tmp_path / "checkpoints").save(7, {"global_step": 7})
+    checkpoint = report.path
+    assert sorted(p.name for p in checkpoint.iterdir()) == sorted(
+        [p.name for p in reference.iterdir()] + ["trainer_state.json", MANIFEST])
+    # The safetensors file is byte for byte Accelerate's; the torch.save'd ones hold the same state.
+    assert _sha256(checkpoint / "model.safetensors") == _sha256(reference / "model.safetensors")
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+        assert _nested_equal(accelerate_load(checkpoint / name), accelerate_load(reference / name)), name
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    for name, meta in manifest["files"].items():
+        assert meta == {"size": (checkpoint / name).stat().st_size, "sha256": _sha256(checkpoint / name)}, name
+    assert report.bytes == sum(meta["size"] for meta in manifest["files"].values())
+    assert verify_checkpoint(checkpoint, checksums=True).ok
+
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    accelerator.backward(model(torch.randn(4, 64)).square().mean())
+    optimizer.step()  # move away from the checkpoint, then load it back with plain Accelerate
+    accelerator.load_state(str(checkpoint))
+    assert same_tensors(model.state_dict(), weights)
+    assert same_tensors(load_weights(checkpoint), weights)
+
+
+class _Counter:
+    def __init__(self):
+        self.count = 3
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+
+
+def test_objects_only_save_state_knows_are_still_saved_and_listed(tmp_path, fresh_accelerate_state):
+    accelerator, *_ = _prepared()
+    accelerator.register_for_checkpointing(_Counter())
+    report = CheckpointManager(accelerator, tmp_path / "checkpoints").save(3, {"global_step": 3})
+    manifest = json.loads((report.path / MANIFEST).read_text())
+    assert "custom_checkpoint_0.pkl" in manifest["files"]
+    assert verify_checkpoint(report.path, checksums=True).ok
+
+
+def _nested_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_nested_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_nested_equal(x, y) for x, y in zip(a, b))
+    try:
+        import numpy as np
+
+        if isinstance(a, np.ndarray):
+            return np.array_equal(a, b)
+    except ImportError:  # pragma: no cover
+        pass
+    return a == b
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_file_changed_after_it_was_hashed_is_hashed_again_from_disk(tmp_path, fresh_accelerate_state, async_save):
+    from dtrain.checkpoint import manager as manager_module
+
+    accelerator, *_ = _prepared()
+    manager = CheckpointManager(accelerator, tmp_path / "checkpoints", async_save=async_save)
+    original = manager_module.CheckpointManager._write_files
+
+    def write_then_append(self, temp, state, snapshot):
+        original(self, temp, state, snapshot)
+        with open(temp / "trainer_state.json", "a") as f:  # a size the writer did not see
+            f.write("\n")
+
+    manager_module.CheckpointManager._write_files = write_then_append
+    try:
+        manager.save(5, {"global_step": 5})
+        report = manager.wait() if async_save else None
+    finally:
+        manager_module.CheckpointManager._write_files = original
+    path = tmp_path / "checkpoints" / "step_000000005"
+    assert verify_checkpoint(path, checksums=True).ok
+    assert report is None or report.step == 5
