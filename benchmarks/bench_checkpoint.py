@@ -252,6 +252,79 @@ class Sides:
         os.sync()
 
 
+def object_store_rows(spec: dict, device: str, root: Path) -> dict:
+    """The same state committed to an S3 store (moto on loopback) vs a plain upload of the same files: what the
+    object-store commit (staging, sha256 while uploading, size check, manifest last, pointers) costs on top of
+    moving the bytes. Needs moto and s3fs (the test extra); otherwise says so and measures nothing."""
+    try:
+        import s3fs
+        from moto.server import ThreadedMotoServer
+    except ImportError as exc:
+        print(f"object store: not measured ({exc.name} is not installed; pip install -e \".[test]\")")
+        return {}
+    import logging
+
+    from dtrain.checkpoint import CheckpointManager
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    saved_env = dict(os.environ)
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("dtrain-bench")
+        accelerator, _, _ = build_state(spec, device)
+        manager = CheckpointManager(accelerator, "s3://dtrain-bench/commit", staging_dir=root / "staging")
+        files = root / "upload"
+        accelerator.save_state(str(files))
+        step = 0
+
+        def commit() -> dict:
+            nonlocal step
+            step += 1
+            started = time.perf_counter()
+            report = manager.save(step, {"global_step": step, "task": "bench"}, None)
+            return {"seconds": time.perf_counter() - started, "bytes": report.bytes}
+
+        def upload() -> dict:
+            started = time.perf_counter()
+            fs.put(str(files), "dtrain-bench/upload/", recursive=True)
+            return {"seconds": time.perf_counter() - started, "bytes": dir_bytes(files)}
+
+        def clean() -> None:
+            manager.discard_all()
+            if fs.exists("dtrain-bench/upload"):
+                fs.rm("dtrain-bench/upload", recursive=True)
+
+        named = [("object store commit", commit), ("plain upload", upload)]
+        for _, run in named:
+            clean()
+            run()
+        runs = _util.alternate(named, spec["repeats"], between=clean)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        server.stop()
+
+    def rate(name: str):
+        return _util.median(r["bytes"] / r["seconds"] for r in runs[name])
+
+    rows = [[name, _util.median(r["seconds"] for r in runs[name]), rate(name) / MB,
+             _util.spread([r["bytes"] / r["seconds"] / MB for r in runs[name]]), runs[name][0]["bytes"] / MB]
+            for name, _ in named]
+    store_ratio = _util.ratio(rate("object store commit"), rate("plain upload"))
+    print(_util.table("checkpoint save to an object store (moto S3 on loopback)",
+                      ["side", "median s", "median MB/s", "MB/s min..max", "MB"], rows,
+                      [f"store_commit_vs_upload_ratio = commit / plain upload (s3fs put) = {_util.fmt(store_ratio)}"]))
+    return {"store_commit_vs_upload_ratio": store_ratio,
+            "ckpt_store_commit_mb_per_s": rate("object store commit") / MB,
+            "ckpt_store_plain_upload_mb_per_s": rate("plain upload") / MB}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = _util.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=None,
@@ -287,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         sides.training_run(None, min(steps, 5))  # untimed warm-up of the training path
         runs.update(_util.alternate(trainings, spec["overhead_repeats"], between=sides.clean))
         sides.clean()
+        store = object_store_rows(spec, args.device, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -380,7 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ckpt_sync_blocking_s": med("dtrain sync commit"),
             "ckpt_async_blocking_s": med("dtrain async commit") if async_ratio is not None else None,
             "ckpt_async_total_s": med("dtrain async commit", "total_seconds") if async_ratio is not None else None,
-            "ckpt_repeats": spec["repeats"], "device": args.device}
+            "ckpt_repeats": spec["repeats"], "device": args.device, **store}
 
 
 if __name__ == "__main__":

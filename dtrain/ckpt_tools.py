@@ -1,87 +1,127 @@
-"""`dtrain ckpt list|verify|show|prune`: inspecting and pruning a run's checkpoints (no torch needed)."""
+"""`dtrain ckpt list|verify|show|prune`: inspecting and pruning a run's checkpoints (no torch needed).
+
+Each command takes a run's output dir, its checkpoints dir, or an object store URI (`s3://bucket/prefix`, the
+`--checkpoint-dir` of the run); `verify`, `show` and `export` also take one checkpoint (`.../step_000000120`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
-from dtrain.checkpoint.layout import (BEST, LATEST, MANIFEST, current_lineage, parse_step, read_pointer,
-                                      read_trainer_state, step_dir_name, step_dirs, verify_checkpoint)
+from dtrain.checkpoint.layout import (BEST, LATEST, MANIFEST, TRAINER_STATE, current_lineage, parse_step,
+                                      step_dir_name, verify_checkpoint)
+from dtrain.checkpoint.object_store import is_uri, local_path
 from dtrain.checkpoint.resolve import find_latest
 from dtrain.checkpoint.retention import RetentionPolicy, checkpoints_to_delete
+from dtrain.checkpoint.storage import (CheckpointLocation, CheckpointStorage, LocalDirectory, open_storage,
+                                       split_checkpoint_uri)
 from dtrain.errors import UsageError
 from dtrain.metrics import read_records
-from dtrain.utils import remove_tree
 
 
-def checkpoints_dir_of(path: str | Path) -> Path:
-    """Accepts a run's output dir or its checkpoints/ dir."""
-    p = Path(path)
+def checkpoints_dir_of(path: str | Path) -> CheckpointStorage:
+    """Accepts a run's output dir, its checkpoints/ dir, or the object store URI its checkpoints went to."""
+    if is_uri(path):
+        return open_storage(str(path))
+    p = local_path(path)
     if (p / "checkpoints").is_dir():
-        return p / "checkpoints"
+        return LocalDirectory(p / "checkpoints")
     if p.is_dir():
-        return p
+        return LocalDirectory(p)
     raise UsageError(f"{path} is not a run directory (no checkpoints/ inside)")
 
 
+def _storage_and_name(location: CheckpointLocation) -> tuple[CheckpointStorage, str]:
+    if isinstance(location, str) and is_uri(location):
+        return split_checkpoint_uri(location)
+    path = local_path(location)
+    return LocalDirectory(path.parent), path.name
+
+
+def _is_one_checkpoint(path: str | Path) -> bool:
+    if is_uri(path):
+        return parse_step(str(path).rstrip("/").rpartition("/")[2]) is not None
+    p = local_path(path)
+    return (p / TRAINER_STATE).exists() or parse_step(p.name) is not None
+
+
 def select_checkpoint(path: str | Path, which: str | None = None, verify: bool = True,
-                      prefer: str = "best") -> Path:
-    """A checkpoint dir as given, or the `best`/`latest` one of a run (`which=None`: `prefer`; the latest when
-    the run has no best).
+                      prefer: str = "best") -> CheckpointLocation:
+    """A checkpoint as given, or the `best`/`latest` one of a run (`which=None`: `prefer`; the latest when the
+    run has no best): a directory, or the URI of an object-store checkpoint (see `local_copy`).
 
     With `verify`, a checkpoint that is not complete (sizes and sha256) is refused with the reason."""
-    p = Path(path)
-    if (p / "trainer_state.json").exists() or parse_step(p.name) is not None:
+    if _is_one_checkpoint(path):
         if which is not None:
-            raise UsageError(f"--which {which} picks a checkpoint of a run; {p} already is one (drop --which)")
-        chosen = p
+            raise UsageError(f"--which {which} picks a checkpoint of a run; {path} already is one (drop --which)")
+        storage, name = _storage_and_name(str(path).rstrip("/") if is_uri(path) else local_path(path))
     else:
-        checkpoints_dir = checkpoints_dir_of(p)
-        best = read_pointer(checkpoints_dir, BEST)
+        storage = checkpoints_dir_of(path)
+        best = storage.read_pointer(BEST)
         if which == "best" and best is None:
-            raise UsageError(f"invalid value for --which: 'best': {checkpoints_dir} has no best checkpoint "
+            raise UsageError(f"invalid value for --which: 'best': {storage.url()} has no best checkpoint "
                              f"(no eval measured the monitor); accepted here: latest")
         if best is not None and (which or prefer) == "best":
-            chosen = checkpoints_dir / best
+            name = best
         else:
-            latest = find_latest(checkpoints_dir).path
+            latest = find_latest(storage).path
             if latest is None:
-                raise UsageError(f"{checkpoints_dir} holds no complete checkpoint")
-            chosen = latest
-    if not chosen.is_dir():
+                raise UsageError(f"{storage.url()} holds no complete checkpoint")
+            name = _storage_and_name(latest)[1]
+    chosen = storage.location(name)
+    if not storage.is_remote and not chosen.is_dir():
         raise UsageError(f"{chosen} does not exist")
     if verify:
-        check = verify_checkpoint(chosen, checksums=True)
+        check = storage.verify(name, checksums=True)
         if not check.ok:
             raise UsageError(f"{chosen} is not a complete checkpoint ({check.reason})")
     return chosen
 
 
+@contextlib.contextmanager
+def local_copy(location: CheckpointLocation, files: tuple[str, ...] = ("model.safetensors", TRAINER_STATE)
+               ) -> Iterator[Path]:
+    """A checkpoint as a local directory: a directory as it is; an object-store checkpoint's `files` downloaded
+    to a temporary directory (sha256 checked) for as long as the block runs."""
+    if not (isinstance(location, str) and is_uri(location)):
+        yield local_path(location)
+        return
+    store, name = split_checkpoint_uri(location)
+    with tempfile.TemporaryDirectory(prefix="dtrain-ckpt-") as temp:
+        try:
+            yield store.download(name, Path(temp) / name, want=lambda file: file in files)
+        except OSError as exc:
+            raise UsageError(f"cannot download {location}: {exc}") from None
+
+
 # ------------------------------------------------------------------------------------------- list, verify
 
 def ckpt_list(args) -> None:
-    ckdir = checkpoints_dir_of(args.output_dir)
-    latest, best = read_pointer(ckdir, LATEST), read_pointer(ckdir, BEST)
-    _, others = current_lineage(ckdir)
+    storage = checkpoints_dir_of(args.output_dir)
+    latest, best = storage.read_pointer(LATEST), storage.read_pointer(BEST)
+    _, others = current_lineage(storage)
     other_steps = {r.step for r in others}
     rows = []
-    for path in step_dirs(ckdir):
-        check = verify_checkpoint(path, checksums=args.checksums)
-        state = _trainer_state_or_empty(path)
+    for name in storage.step_names():
+        check = storage.verify(name, checksums=args.checksums)
+        state = _trainer_state_or_empty(storage, name)
         metric = state.get("checkpoint_metric") or {}
-        rows.append({"name": path.name, "step": state.get("global_step"), "epoch": state.get("epoch"),
+        rows.append({"name": name, "step": state.get("global_step"), "epoch": state.get("epoch"),
                      "metric": metric.get("name"), "value": metric.get("value"), "bytes": check.bytes,
                      "complete": check.ok, "problem": check.reason or None,
-                     "latest": path.name == latest, "best": path.name == best,
-                     "parent": state.get("parent"), "other_lineage": parse_step(path.name) in other_steps})
+                     "latest": name == latest, "best": name == best,
+                     "parent": state.get("parent"), "other_lineage": parse_step(name) in other_steps})
     if args.json:
         print(json.dumps(rows, indent=1))
         return
     if not rows:
-        print(f"no checkpoints in {ckdir}")
+        print(f"no checkpoints in {storage.url()}")
         return
     print(f"{'checkpoint':<16} {'step':>8} {'epoch':>5} {'metric':>14} {'size':>10}  status")
     for r in rows:
@@ -98,7 +138,10 @@ def ckpt_list(args) -> None:
 
 
 def ckpt_verify(args) -> int:
-    check = verify_checkpoint(Path(args.path), checksums=True)
+    if is_uri(args.path):
+        check = _storage_and_name(args.path.rstrip("/"))[0].verify(args.path.rstrip("/").rpartition("/")[2], True)
+    else:
+        check = verify_checkpoint(Path(args.path), checksums=True)
     if check.ok:
         print(f"{args.path}: complete ({human_size(check.bytes)}, every sha256 matches)")
         return 0
@@ -108,27 +151,36 @@ def ckpt_verify(args) -> int:
 
 # ------------------------------------------------------------------------------------------- show
 
-def describe_checkpoint(path: Path, checksums: bool = False) -> dict[str, Any]:
-    """Everything `ckpt show` reports about one checkpoint, as plain data."""
-    check = verify_checkpoint(path, checksums=checksums)
-    state = _trainer_state_or_empty(path)
-    step = state.get("global_step", parse_step(path.name))
-    checkpoints_dir = path.parent
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError):
-        manifest = {}
-    files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
-    # The run's own log holds the training loss at this step too; a checkpoint stores only the last eval.
-    logged = [r for r in read_records(checkpoints_dir.parent / "metrics.jsonl")
-              if r.get("step") == step and "event" not in r]
+def describe_checkpoint(path: CheckpointLocation, checksums: bool = False) -> dict[str, Any]:
+    """Everything `ckpt show` reports about one checkpoint (a directory or an object-store URI), as plain data."""
+    storage, name = _storage_and_name(path)
+    check = storage.verify(name, checksums=checksums)
+    state = _trainer_state_or_empty(storage, name)
+    step = state.get("global_step", parse_step(name))
+    if storage.is_remote:
+        try:
+            manifest = storage.read_json(name, MANIFEST)
+        except (OSError, ValueError):
+            manifest = {}
+        files = dict(sorted(storage.object_sizes(name).items()))
+        logged = []  # the run's metrics.jsonl stays in its local output dir
+    else:
+        path = local_path(path)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError):
+            manifest = {}
+        files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+        # The run's own log holds the training loss at this step too; a checkpoint stores only the last eval.
+        logged = [r for r in read_records(path.parent.parent / "metrics.jsonl")
+                  if r.get("step") == step and "event" not in r]
     metrics = {k: v for r in logged for k, v in r.items() if k not in ("step", "epoch", "kind")}
     if state.get("last_eval_step") == step:
         metrics = {**state.get("last_eval", {}), **metrics}
     return {
         "path": str(path), "complete": check.ok, "problem": check.reason or None,
-        "checksums_checked": checksums, "latest": read_pointer(checkpoints_dir, LATEST) == path.name,
-        "best": read_pointer(checkpoints_dir, BEST) == path.name,
+        "checksums_checked": checksums, "latest": storage.read_pointer(LATEST) == name,
+        "best": storage.read_pointer(BEST) == name,
         "step": step, "epoch": state.get("epoch"), "step_in_epoch": state.get("step_in_epoch"),
         "samples_seen": state.get("samples_seen"), "checkpoint_metric": state.get("checkpoint_metric"),
         "parent": state.get("parent"), "run_id": state.get("run_id"),
@@ -177,30 +229,31 @@ def ckpt_show(args) -> None:
 
 # ------------------------------------------------------------------------------------------- prune
 
-def plan_prune(checkpoints_dir: Path, policy: RetentionPolicy, monitor: str) -> tuple[list[int], set[int]]:
+def plan_prune(storage: CheckpointStorage | Path, policy: RetentionPolicy, monitor: str) -> tuple[list[int], set[int]]:
     """Steps to delete (oldest first) and the protected steps: the pure policy training uses, applied as training
     applies it to the lineage of `latest`, plus every checkpoint of another lineage."""
-    lineage, others = current_lineage(checkpoints_dir, monitor)
-    protected = {parse_step(name) for name in (read_pointer(checkpoints_dir, LATEST), read_pointer(checkpoints_dir, BEST))
+    storage = storage if hasattr(storage, "step_names") else checkpoints_dir_of(storage)
+    lineage, others = current_lineage(storage, monitor)
+    protected = {parse_step(name) for name in (storage.read_pointer(LATEST), storage.read_pointer(BEST))
                  if name is not None}
     other_steps = [r.step for r in others if r.step not in protected]
     return sorted(checkpoints_to_delete(lineage, policy, protected) + other_steps), protected
 
 
 def ckpt_prune(args) -> None:
-    checkpoints_dir = checkpoints_dir_of(args.output_dir)
-    monitor, mode = _run_monitor(checkpoints_dir)
+    storage = checkpoints_dir_of(args.output_dir)
+    monitor, mode = _run_monitor(storage)
     monitor, mode = args.monitor or monitor, args.mode or mode
     policy = RetentionPolicy(args.keep_last or 0, args.keep_best or 0, args.keep_every_steps or 0, mode)
-    doomed, protected = plan_prune(checkpoints_dir, policy, monitor)
-    other_lineages = [r.step for r in current_lineage(checkpoints_dir)[1] if r.step in doomed]
+    doomed, protected = plan_prune(storage, policy, monitor)
+    other_lineages = [r.step for r in current_lineage(storage)[1] if r.step in doomed]
     if not policy.enabled and not other_lineages:
         raise UsageError("ckpt prune needs a rule: --keep-last N, --keep-best K and/or --keep-every-steps M "
                          "(each an integer >= 1); without one it removes only checkpoints of other lineages, "
-                         f"and {checkpoints_dir} has none")
-    if any(p.name.startswith(".tmp-") for p in checkpoints_dir.iterdir()):
-        print(f"warning: {checkpoints_dir} holds a .tmp- folder: a run may be saving right now")
-    kept = [p.name for p in step_dirs(checkpoints_dir) if parse_step(p.name) not in doomed]
+                         f"and {storage.url()} has none")
+    if not storage.is_remote and any(p.name.startswith(".tmp-") for p in storage.dir.iterdir()):
+        print(f"warning: {storage.url()} holds a .tmp- folder: a run may be saving right now")
+    kept = [name for name in storage.step_names() if parse_step(name) not in doomed]
     print(f"keeping {len(kept)}: {', '.join(kept) or '-'} (latest and best are always kept; best by {monitor}, {mode})")
     if other_lineages:
         print(f"other lineages: {', '.join(step_dir_name(s) for s in other_lineages)} (saved after the checkpoint "
@@ -213,16 +266,16 @@ def ckpt_prune(args) -> None:
         if args.dry_run:
             print(f"would delete {name}")
             continue
-        remove_tree(checkpoints_dir / name)
+        storage.delete(name)  # in an object store, the manifest first
         print(f"deleted {name}")
     if args.dry_run:
         print(f"dry run: {len(doomed)} checkpoint(s) would be deleted; nothing was deleted")
 
 
-def _run_monitor(checkpoints_dir: Path) -> tuple[str, str]:
+def _run_monitor(storage: CheckpointStorage) -> tuple[str, str]:
     """The monitor and mode the run trained with (from its newest checkpoint's config)."""
-    for path in reversed(step_dirs(checkpoints_dir)):
-        config = _trainer_state_or_empty(path).get("config") or {}
+    for name in reversed(storage.step_names()):
+        config = _trainer_state_or_empty(storage, name).get("config") or {}
         evaluation = config.get("eval") or {}
         if evaluation.get("monitor"):
             return evaluation["monitor"], evaluation.get("mode", "min")
@@ -232,9 +285,9 @@ def _run_monitor(checkpoints_dir: Path) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------------------- helpers
 
-def _trainer_state_or_empty(path: Path) -> dict[str, Any]:
+def _trainer_state_or_empty(storage: CheckpointStorage, name: str) -> dict[str, Any]:
     try:
-        return read_trainer_state(path)
+        return storage.read_trainer_state(name)
     except (OSError, ValueError):
         return {}
 

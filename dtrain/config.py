@@ -161,6 +161,9 @@ class CheckpointConfig:
     agree_every_steps: int = field(default=1, **_opt("steps between the ranks' agreement on interrupts and "
                                                      "timed saves (one small all-reduce); raise if it is costly"))
     signal_grace_seconds: float = field(default=30.0, **_opt("time launchers allow after a signal; warn when saves take longer"))
+    checkpoint_dir: str | None = field(default=None, **_opt(
+        "where checkpoints go: a directory, or an object store URI such as s3://bucket/prefix (needs the s3 "
+        "extra); default OUTPUT_DIR/checkpoints"))
 
     def validate(self) -> None:
         for name in ("save_every_steps", "save_every_epochs", "keep_last", "keep_best", "keep_every_steps"):
@@ -169,6 +172,8 @@ class CheckpointConfig:
         _check(self.agree_every_steps >= 1, "agree_every_steps", self.agree_every_steps, "an integer >= 1")
         _check(self.signal_grace_seconds > 0, "signal_grace_seconds", self.signal_grace_seconds, "a number > 0")
         _check(bool(self.resume), "resume", self.resume, "none, latest, best, auto, or a checkpoint path")
+        _check(self.checkpoint_dir is None or bool(self.checkpoint_dir.strip()), "checkpoint_dir",
+               self.checkpoint_dir, "a directory, or a URI such as s3://bucket/prefix")
 
 
 SECTIONS = {"task": TaskConfig, "train": TrainConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig}

@@ -109,3 +109,12 @@ _LOST_PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", 
 def is_lost_peer(exc: BaseException) -> bool:
     """Whether an exception says a collective failed because another rank is gone or hangs."""
     return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _LOST_PEER_MESSAGES)
+
+
+def gather_objects(value, group=None) -> list:
+    """Every rank's `value` (small and picklable), in rank order, on every rank; `[value]` in one process."""
+    if not is_distributed():
+        return [value]
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
+    return out

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dtrain.checkpoint.layout import read_trainer_state
-from dtrain.ckpt_tools import select_checkpoint
+from dtrain.ckpt_tools import local_copy, select_checkpoint
 from dtrain.errors import UsageError
 
 
@@ -62,7 +62,9 @@ def evaluate_checkpoint(checkpoint: Path, max_batches: int = 0, batch_size: int 
 
 def eval_command(args) -> None:
     checkpoint = select_checkpoint(args.path, args.which)
-    result = evaluate_checkpoint(checkpoint, args.max_batches, args.batch_size, args.data)
+    with local_copy(checkpoint) as local:
+        result = evaluate_checkpoint(local, args.max_batches, args.batch_size, args.data)
+        result["checkpoint"] = str(checkpoint)
     if args.json:
         print(json.dumps(result, indent=1))
         return

@@ -65,13 +65,13 @@ class RunOutcome:
         self.fit_reason: str | None = None
 
     def status(self, exit_code: int) -> ExitStatus:
-        from dtrain.checkpoint.layout import LATEST, read_pointer
+        from dtrain.checkpoint.layout import LATEST
 
         trainer = self.trainer
         return ExitStatus(
             reason=reason_for(exit_code, self.fit_reason), exit_code=exit_code, signal=signal_name(exit_code),
             step=trainer.state.global_step if trainer is not None else None,
-            checkpoint=read_pointer(trainer.checkpoints.dir, LATEST) if trainer is not None else None,
+            checkpoint=trainer.checkpoints.storage.read_pointer(LATEST) if trainer is not None else None,
             resume_command=trainer.resume_command if trainer is not None else None)
 
     def record(self, exit_code: int) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dtrain.checkpoint.layout import read_trainer_state
-from dtrain.ckpt_tools import human_size, select_checkpoint
+from dtrain.ckpt_tools import human_size, local_copy, select_checkpoint
 from dtrain.errors import UsageError
 
 EXPORT_FORMAT = "dtrain-export/1"
@@ -29,8 +29,9 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "fp32") -> dict[str, Any]:
-    """Writes the checkpoint's model weights (floating tensors cast to `dtype`) to `out`, atomically."""
+def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "fp32", source: str | None = None) -> dict[str, Any]:
+    """Writes the checkpoint's model weights (floating tensors cast to `dtype`) to `out`, atomically.
+    `source`: what the metadata names as the origin (default: the checkpoint dir; a URI for a downloaded one)."""
     from safetensors.torch import load_file, save_file
 
     if dtype not in DTYPES:
@@ -46,7 +47,7 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "fp32") -> dict[
     tensors = {name: t.to(target) if t.is_floating_point() else t for name, t in load_file(str(weights)).items()}
     metadata = {
         "format": EXPORT_FORMAT, "task": str(state.get("task")), "step": str(state.get("global_step")),
-        "epoch": str(state.get("epoch")), "dtype": dtype, "source": str(checkpoint.resolve()),
+        "epoch": str(state.get("epoch")), "dtype": dtype, "source": source or str(checkpoint.resolve()),
         "config": json.dumps(state.get("config") or {}),
         "checkpoint_metric": json.dumps(state.get("checkpoint_metric")),
     }
@@ -84,10 +85,11 @@ def load_exported(path: str | Path):
 
 def export_command(args) -> None:
     checkpoint = select_checkpoint(args.path, args.which)
-    if getattr(args, "format", "safetensors") == "hf":
-        from dtrain.integrations.hf_export import export_hf_command
+    with local_copy(checkpoint) as local:  # an object-store checkpoint: its weights, downloaded
+        if getattr(args, "format", "safetensors") == "hf":
+            from dtrain.integrations.hf_export import export_hf_command
 
-        return export_hf_command(checkpoint, Path(args.out), args.dtype)
-    info = export_checkpoint(checkpoint, Path(args.out), args.dtype)
+            return export_hf_command(local, Path(args.out), args.dtype)
+        info = export_checkpoint(local, Path(args.out), args.dtype, source=str(checkpoint))
     print(f"exported {checkpoint} (step {info['step']}, {info['task']}) to {info['path']}: "
           f"{info['tensors']} tensors as {args.dtype}, {human_size(info['bytes'])}")

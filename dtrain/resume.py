@@ -17,8 +17,8 @@ from dtrain.errors import UsageError
 logger = get_logger(__name__)
 
 # Fields whose change only matters for what comes next, never for loading: no warning needed.
-IGNORED_FIELDS = {"resume", "overwrite", "output_dir", "verify_checksums", "allow_config_change", "quick",
-                  "strict_resume", "allow_inexact_resume", "async_save", "signal_grace_seconds",
+IGNORED_FIELDS = {"resume", "overwrite", "output_dir", "checkpoint_dir", "verify_checksums", "allow_config_change",
+                  "quick", "strict_resume", "allow_inexact_resume", "async_save", "signal_grace_seconds",
                   "agree_every_steps", "log_with", "num_workers", "device"}
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dtrain import certificate
 from dtrain import resume as resume_checks
 from dtrain.checkpoint import CheckpointManager, RetentionPolicy, resolve_resume
-from dtrain.checkpoint.layout import step_dirs
+from dtrain.checkpoint.manager import STAGING_DIR
 from dtrain.config import Config, write_config
 from dtrain.data import ShardedEvalSampler, build_train_source, make_loader
 from dtrain.data.stream import EvalStream
@@ -38,7 +38,7 @@ from dtrain.metrics import MetricsLog
 from dtrain.rng import preserved_rng
 from dtrain.runtime import make_accelerator
 from dtrain.schedule import LRPlan, plan_change, warmup_cosine
-from dtrain.shared_dir import check_every_node_sees
+from dtrain.shared_dir import check_every_node_sees, directory_every_node_must_see
 from dtrain.tasks import Task
 from dtrain.tasks.base import evaluation_sums, metrics_from_sums
 
@@ -104,9 +104,10 @@ class Trainer:
         self.metrics = MetricsLog(self.output_dir, enabled=self.is_main, accelerator=self.accelerator)
         ckpt = self.config.checkpoint
         self.checkpoints = CheckpointManager(
-            self.accelerator, self.output_dir / "checkpoints",
+            self.accelerator, ckpt.checkpoint_dir or self.output_dir / "checkpoints",
             RetentionPolicy(ckpt.keep_last, ckpt.keep_best, ckpt.keep_every_steps, self.config.eval.mode),
-            monitor=self.config.eval.monitor, verify_checksums=ckpt.verify_checksums, async_save=ckpt.async_save)
+            monitor=self.config.eval.monitor, verify_checksums=ckpt.verify_checksums, async_save=ckpt.async_save,
+            staging_dir=self.output_dir / STAGING_DIR)
         self.interrupts = InterruptHandler(exit_grace_seconds=ckpt.signal_grace_seconds)
         self._resume_command = resume_command  # printed after an interrupt; default: this run's own command
         self._lock = RunLock(self.output_dir, self.accelerator)
@@ -367,7 +368,7 @@ class Trainer:
         """Saves the current step (once per step). With --async-save the commit finishes in the background
         unless `wait`; its `checkpoint` event is logged once it has committed."""
         state = self.state
-        path = str(self.checkpoints.dir / f"step_{state.global_step:09d}")
+        path = str(self.checkpoints.location(state.global_step))
         if self.checkpoints.last_saved_step != state.global_step:
             evaluated_now = state.last_eval_step == state.global_step
             metric = state.last_eval.get(self.config.eval.monitor) if evaluated_now else None
@@ -439,28 +440,31 @@ class Trainer:
 
     def _start(self) -> None:
         """Fresh start or resume; afterwards every rank holds the same TrainerState."""
-        cfg, ckpt_dir = self.config.checkpoint, self.checkpoints.dir
+        cfg, storage = self.config.checkpoint, self.checkpoints.storage
         self._last_save_time = time.monotonic()
         # Taken now: by the time a signal arrives, the launcher whose command line we read may be gone.
         self._resume_command = self._resume_command or resume_checks.resume_command(self.config.output_dir)
-        # Rank 0 creates the directory; every rank learns whether that worked, so a failure there (a file in
+        # Rank 0 creates the directories; every rank learns whether that worked, so a failure there (a file in
         # the way, no permission) stops all of them with one error instead of leaving them in a barrier.
-        created, error = run_and_agree(lambda: self.output_dir.mkdir(parents=True, exist_ok=True), self.is_main,
-                                       self.accelerator.device)
+        shared = directory_every_node_must_see(self.output_dir, self.checkpoints.dir)  # None: an object store
+        created, error = run_and_agree(lambda: [d.mkdir(parents=True, exist_ok=True)
+                                                for d in (self.output_dir, shared or self.output_dir)],
+                                       self.is_main, self.accelerator.device)
         if not created:
             reason = f": {getattr(error, 'strerror', None) or error}" if error is not None else " on rank 0"
             raise UsageError(f"cannot create the output directory {self.output_dir}{reason}")
-        check_every_node_sees(self.output_dir, self.accelerator)
+        if shared is not None:
+            check_every_node_sees(shared, self.accelerator)
         self._lock.acquire()
         self.checkpoints.restore_replaced()  # before resolving: an interrupted re-save must not hide a checkpoint
-        resolution = resolve_resume(cfg.resume, ckpt_dir, cfg.verify_checksums)
+        resolution = resolve_resume(cfg.resume, storage, cfg.verify_checksums)
         for skipped in resolution.skipped:
             logger.warning(f"skipping damaged checkpoint {skipped}")
         if resolution.path is None:
-            existing = step_dirs(ckpt_dir)
+            existing = storage.step_names()
             if existing and not cfg.overwrite:
-                raise UsageError(f"{ckpt_dir} already holds {len(existing)} checkpoint(s) (newest "
-                                 f"{existing[-1].name}); resume with --resume latest, or pass --overwrite to "
+                raise UsageError(f"{storage.url()} already holds {len(existing)} checkpoint(s) (newest "
+                                 f"{existing[-1]}); resume with --resume latest, or pass --overwrite to "
                                  f"start fresh and delete them")
             if existing:
                 logger.warning(f"--overwrite: deleting {self.checkpoints.discard_all()} old checkpoint(s)")
@@ -479,7 +483,9 @@ class Trainer:
                     f"{self.train_data.describe()}, {self.train_data.steps_per_epoch or 'unknown'} steps per "
                     f"epoch, {self.total_steps} steps planned")
 
-    def _resume_from(self, path: Path) -> None:
+    def _resume_from(self, source: Path | str) -> None:
+        """Resumes from a checkpoint directory, or an object-store checkpoint (first downloaded by each node)."""
+        path = self.checkpoints.fetch(source)
         saved = resume_checks.read_checkpoint_state(path)
         resume_checks.check_compatible(saved, self.task, self.config, self.accelerator.unwrap_model(self.model), path)
         self.train_data.check_resume(saved.get("data_position"), saved.get("world_size", 1))
@@ -496,8 +502,8 @@ class Trainer:
         self._check_resume_certificate(saved.get("resume_certificate"), path)  # before anything is rewritten
         dropped = self.metrics.rewind(self.state.global_step)
         self.metrics.event("resume", self.state.global_step, world_size=self.accelerator.num_processes,
-                           checkpoint=str(path), from_world_size=loaded.get("world_size"), dropped_records=dropped)
-        logger.info(f"resumed from {path} at step {self.state.global_step} (epoch {self.state.epoch}, "
+                           checkpoint=str(source), from_world_size=loaded.get("world_size"), dropped_records=dropped)
+        logger.info(f"resumed from {source} at step {self.state.global_step} (epoch {self.state.epoch}, "
                     f"sample {self.state.epoch_samples_seen} of the epoch)")
 
     def _lr_plan(self) -> LRPlan:

@@ -96,6 +96,7 @@ def verify(args) -> bool:
     config.train.max_steps, config.train.epochs = steps, 0
     config.checkpoint.save_every_steps = config.checkpoint.save_every_epochs = 0
     config.checkpoint.save_every_seconds, config.checkpoint.keep_last = 0, 0
+    config.checkpoint.checkpoint_dir = None  # each variant keeps its own checkpoints, in its own dir
     root = Path(config.output_dir) / "verify-resume"
     run_variant(config, root / "straight", "none", None)
     run_variant(config, root / "resumed", "none", stop_at)

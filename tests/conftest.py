@@ -168,3 +168,42 @@ def same_tensors(a: dict, b: dict) -> bool:
     import torch
 
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------- object store
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """An S3-compatible server (moto) on loopback for the whole session; its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(moto_server, monkeypatch):
+    """`s3://dtrain-test`: an empty bucket on the moto server, with the AWS settings that reach it set for the
+    test and the processes it starts (dummy credentials, a region, AWS_ENDPOINT_URL)."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{moto_server}/moto-api/reset", method="POST"), timeout=30)
+    for name, value in {"AWS_ENDPOINT_URL": moto_server, "AWS_ACCESS_KEY_ID": "testing",
+                        "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_server).create_bucket(Bucket="dtrain-test")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # a cached client could hold another test's settings
+    yield "s3://dtrain-test"

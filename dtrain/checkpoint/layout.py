@@ -77,27 +77,44 @@ def record_from_state(state: dict, step: int, monitor: str | None = None) -> Che
     return CheckpointRecord(step, value, state.get("run_id"), ancestry)
 
 
-def checkpoint_records(checkpoints_dir: Path, monitor: str | None = None) -> list[CheckpointRecord]:
-    """Records of every checkpoint directory whose trainer state can be read, oldest first."""
-    records = (read_record(path, monitor) for path in step_dirs(checkpoints_dir))
-    return [r for r in records if r is not None]
+def as_storage(checkpoints):
+    """A checkpoints directory (path) or an object store URI as its CheckpointStorage (storage.py); a storage
+    as it is. The lineage functions below read checkpoints through it, wherever they are."""
+    if hasattr(checkpoints, "step_names"):
+        return checkpoints
+    from dtrain.checkpoint.storage import open_storage  # storage.py builds on this module
+
+    return open_storage(checkpoints)
 
 
-def lineage_head(checkpoints_dir: Path, records: list[CheckpointRecord]) -> int | None:
+def checkpoint_records(checkpoints, monitor: str | None = None) -> list[CheckpointRecord]:
+    """Records of every checkpoint (directory or object-store prefix) whose trainer state can be read, oldest
+    first. `checkpoints`: a checkpoints directory, a URI or a CheckpointStorage."""
+    storage, records = as_storage(checkpoints), []
+    for name in storage.step_names():
+        try:
+            records.append(record_from_state(storage.read_trainer_state(name), parse_step(name), monitor))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            continue
+    return records
+
+
+def lineage_head(checkpoints, records: list[CheckpointRecord]) -> int | None:
     """The step whose lineage counts: `latest`'s, else the newest checkpoint. When the pointed checkpoint's
     state cannot be read (damaged), the newest readable one below it stands in for it."""
-    pointed = read_pointer(checkpoints_dir, LATEST)
+    pointed = as_storage(checkpoints).read_pointer(LATEST)
     limit = parse_step(pointed) if pointed is not None else None
     steps = [r.step for r in records if limit is None or r.step <= limit]
     return max(steps) if steps else None
 
 
-def current_lineage(checkpoints_dir: Path, monitor: str | None = None,
+def current_lineage(checkpoints, monitor: str | None = None,
                     head_step: int | None = None) -> tuple[list[CheckpointRecord], list[CheckpointRecord]]:
     """(records on the lineage of `head_step`, default the `latest` one; records of other lineages), oldest
     first. Unreadable checkpoints are in neither."""
-    records = checkpoint_records(checkpoints_dir, monitor)
-    head = lineage_head(checkpoints_dir, records) if head_step is None else head_step
+    storage = as_storage(checkpoints)
+    records = checkpoint_records(storage, monitor)
+    head = lineage_head(storage, records) if head_step is None else head_step
     on = lineage_of(records, head) if head is not None else []
     steps = {r.step for r in on}
     return on, [r for r in records if r.step not in steps]

@@ -36,7 +36,7 @@ from dtrain.errors import UsageError
 
 STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 STAGE_KEYS = {"name", "config", "depends_on"}  # stage keys that are not training config fields
-PIPELINE_OWNED = {"output_dir", "resume", "overwrite"}
+PIPELINE_OWNED = {"output_dir", "checkpoint_dir", "resume", "overwrite"}  # checkpoints: OUTPUT_DIR/<stage>
 TOP_LEVEL_KEYS = {"output_dir", "defaults", "stages"}
 INIT_WHICH = ("best", "latest")
 # Config fields that do not change what a stage computes: editing them does not make its outputs stale.

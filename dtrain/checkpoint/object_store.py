@@ -1,0 +1,315 @@
+"""Checkpoints in an object store (S3, GCS, MinIO, anything fsspec opens): where bytes go when there is no rename.
+
+A checkpoint is the prefix `step_%09d/` holding the files `Accelerator.save_state` writes. Its `manifest.json`
+(names, sizes, sha256) is uploaded LAST and is the commit: writing one object is atomic, so a prefix without a
+manifest, or whose objects do not match it, is not a checkpoint. The manifest is written create-only
+(`If-None-Match: *` where the store supports it), so a commit never silently replaces another one.
+
+Nothing is ever "renamed" (an object store's move is a copy plus a delete, and can leave both behind). Deleting
+a checkpoint deletes its manifest first: from that moment it is not a checkpoint, whatever is left of it.
+The `latest` and `best` pointer objects beside the prefixes are hints; resolution lists the prefixes.
+
+This module only moves bytes; which rank does what, and when, is the commit protocol in manager.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterable
+
+from dtrain.checkpoint.layout import FORMAT, MANIFEST, TRAINER_STATE, Verification, parse_step
+from dtrain.errors import UsageError
+
+CHUNK = 8 << 20  # bytes read/written per call while streaming (and hashing) a file
+PARALLEL_TRANSFERS = 4  # files moved at the same time by one process
+PROGRESS_MIN_BYTES = 256 << 20  # transfers at least this large show a progress bar (on the main process)
+WHOLE_FILE_UPLOAD_BYTES = 256 << 20  # files up to this size are uploaded from memory in one call
+STREAM_PART_BYTES = 64 << 20  # the part size of larger files, streamed (a multipart upload)
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    """True for an object store URI (`s3://bucket/prefix`, `gs://...`, `memory://...`); False for a plain path
+    or a `file://` URI, which are local directories with the rename commit."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def local_path(location: str | os.PathLike) -> Path:
+    """A plain path or `file://` URI as a local path."""
+    text = str(location)
+    return Path(text[len("file://"):] if text.startswith("file://") else text)
+
+
+def open_filesystem(uri: str):
+    """(fsspec filesystem, root path inside it) for a URI; a missing backend is one clear UsageError."""
+    try:
+        import fsspec
+    except ImportError:
+        raise UsageError(f"invalid value for checkpoint_dir: {uri!r} needs fsspec and s3fs; "
+                         f'install them with pip install -e ".[s3]"') from None
+    scheme = uri.split("://", 1)[0]
+    try:
+        fs, root = fsspec.core.url_to_fs(uri)
+    except ImportError as exc:
+        extra = ('pip install -e ".[s3]"' if scheme in ("s3", "s3a")
+                 else f"install the fsspec backend for {scheme}:// ({exc})")
+        raise UsageError(f"invalid value for checkpoint_dir: {uri!r} needs an object store client; {extra}") from None
+    except ValueError as exc:
+        raise UsageError(f"invalid value for checkpoint_dir: {uri!r}; accepted: a directory or a URI such as "
+                         f"s3://bucket/prefix ({exc})") from None
+    for chatty in ("botocore", "aiobotocore", "s3fs"):  # "found credentials in ..." at INFO, once per process
+        if logging.getLogger(chatty).level == logging.NOTSET:
+            logging.getLogger(chatty).setLevel(logging.WARNING)
+    return fs, root.rstrip("/")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _progress_bar(total: int, desc: str, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, leave=False,
+                disable=not show or total < PROGRESS_MIN_BYTES)
+
+
+class ObjectStore:
+    """The checkpoints under one URI prefix. Every method is safe to call from any rank and any thread."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+        self.fs, self.root = open_filesystem(self.uri)
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.uri!r})"
+
+    def url(self, *names: str) -> str:
+        """The URI of a checkpoint or object under the prefix (for messages and `--resume`)."""
+        return "/".join([self.uri, *names])
+
+    def _path(self, *names: str) -> str:
+        return "/".join([self.root, *names])
+
+    def _fresh(self) -> None:
+        # Listings are cached per filesystem instance; other processes write the store, so never trust them.
+        self.fs.invalidate_cache()
+
+    # ------------------------------------------------------------------------------------------ reading
+
+    def step_names(self) -> list[str]:
+        """Checkpoint-looking prefixes (`step_%09d`), oldest step first; whether each is committed is for
+        `verify` to say."""
+        self._fresh()
+        try:
+            entries = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries}
+        return sorted((n for n in names if parse_step(n) is not None), key=parse_step)
+
+    def read_bytes(self, *names: str) -> bytes:
+        return self.fs.cat_file(self._path(*names))
+
+    def read_json(self, *names: str) -> dict:
+        value = json.loads(self.read_bytes(*names))
+        if not isinstance(value, dict):
+            raise ValueError(f"{'/'.join(names)} does not hold a JSON object")
+        return value
+
+    def read_trainer_state(self, step_name: str) -> dict:
+        return self.read_json(step_name, TRAINER_STATE)
+
+    def read_manifest(self, step_name: str) -> dict:
+        """The manifest of a checkpoint; FileNotFoundError when it has none, ValueError when it is not one."""
+        manifest = self.read_json(step_name, MANIFEST)
+        if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+            raise ValueError(f"{MANIFEST} is not a {FORMAT} manifest")
+        return manifest
+
+    def has_manifest(self, step_name: str) -> bool:
+        self._fresh()
+        return self.fs.exists(self._path(step_name, MANIFEST))
+
+    def object_sizes(self, step_name: str) -> dict[str, int]:
+        """Size of every object under a checkpoint's prefix, by its name relative to the prefix."""
+        self._fresh()
+        base = self._path(step_name)
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        base = self.fs._strip_protocol(base).rstrip("/") + "/"  # noqa: SLF001 - fsspec's own normalisation
+        return {path[len(base):]: int(info.get("size") or 0) for path, info in found.items()
+                if path.startswith(base) and info.get("type", "file") == "file"}
+
+    def verify(self, step_name: str, checksums: bool = False) -> Verification:
+        """Is this prefix a committed checkpoint: a manifest, and every object it lists with its size (and, when
+        asked, its sha256, which reads every byte)?"""
+        try:
+            manifest = self.read_manifest(step_name)
+        except FileNotFoundError:
+            return Verification(False, f"{MANIFEST} is missing (the save did not finish)")
+        except (OSError, ValueError) as exc:
+            return Verification(False, f"{MANIFEST} is unreadable: {exc}")
+        files = manifest["files"]
+        if TRAINER_STATE not in files:
+            return Verification(False, f"{TRAINER_STATE} is not listed in the manifest")
+        sizes = self.object_sizes(step_name)
+        for name, meta in sorted(files.items()):
+            if name not in sizes:
+                return Verification(False, f"{name} is missing")
+            if sizes[name] != meta.get("size"):
+                return Verification(False, f"{name} has {sizes[name]} bytes, the manifest says {meta.get('size')}")
+        if checksums:
+            for name, meta in sorted(files.items()):
+                if self._object_sha256(step_name, name) != meta.get("sha256"):
+                    return Verification(False, f"{name} does not match its sha256 in the manifest")
+        return Verification(True, "", sum(int(meta["size"]) for meta in files.values()))
+
+    def _object_sha256(self, step_name: str, name: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(self._path(step_name, name), "rb", block_size=CHUNK) as f:
+            while chunk := f.read(CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    # ------------------------------------------------------------------------------------------ pointers
+
+    def read_pointer(self, name: str) -> str | None:
+        """The checkpoint a pointer object (`latest`, `best`) names, or None (missing or not a step name)."""
+        try:
+            value = self.read_bytes(name).decode().strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+        return value if parse_step(value) is not None else None
+
+    def write_pointer(self, name: str, target: str) -> None:
+        self.fs.pipe_file(self._path(name), (target + "\n").encode())
+
+    def delete_pointer(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    # ------------------------------------------------------------------------------------------ writing
+
+    def upload(self, local_dir: Path, step_name: str, names: Iterable[str], progress: bool = False,
+               on_file_done: Callable[[str], None] | None = None) -> dict[str, dict]:
+        """Uploads files of `local_dir` under the checkpoint's prefix, hashing them in the same pass (overwriting
+        whatever an earlier, uncommitted attempt left there). Returns {name: {"size", "sha256"}}."""
+        names = sorted(names)
+        total = sum((local_dir / n).stat().st_size for n in names)
+        with _progress_bar(total, f"upload {step_name}", progress) as bar, \
+                ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_TRANSFERS, len(names)))) as pool:
+            def send(name: str) -> tuple[str, dict]:
+                meta = self._upload_file(local_dir / name, self._path(step_name, name), bar.update)
+                if on_file_done is not None:
+                    on_file_done(name)
+                return name, meta
+
+            return dict(pool.map(send, names))
+
+    def _upload_file(self, source: Path, target: str, advance: Callable[[int], object]) -> dict:
+        if source.stat().st_size <= WHOLE_FILE_UPLOAD_BYTES:
+            # Read once, hash, and hand the bytes to the store's own put (one request, or concurrent parts).
+            data = source.read_bytes()
+            self.fs.pipe_file(target, data)
+            advance(len(data))
+            return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        digest, size = hashlib.sha256(), 0  # too large to hold in memory: stream it, hashing as it goes
+        with open(source, "rb") as src, self.fs.open(target, "wb", block_size=STREAM_PART_BYTES) as dst:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+                size += len(chunk)
+                advance(len(chunk))
+        return {"size": size, "sha256": digest.hexdigest()}
+
+    def check_uploaded(self, step_name: str, files: dict[str, dict]) -> None:
+        """Raises OSError unless every uploaded file is in the store with the size its uploader measured."""
+        sizes = self.object_sizes(step_name)
+        for name, meta in sorted(files.items()):
+            if sizes.get(name) != meta["size"]:
+                found = "missing" if name not in sizes else f"{sizes[name]} bytes"
+                raise OSError(f"{self.url(step_name, name)} is {found} after its upload of {meta['size']} bytes")
+
+    def commit(self, step_name: str, step: int, files: dict[str, dict]) -> int:
+        """Writes the manifest, create-only: from now on the prefix is a checkpoint. Returns its bytes.
+        FileExistsError when the prefix already has a manifest (delete the old checkpoint first)."""
+        manifest = {"format": FORMAT, "step": step, "files": dict(sorted(files.items())), "created": _now()}
+        self._write_create_only(self._path(step_name, MANIFEST), json.dumps(manifest, indent=1).encode())
+        self.fs.invalidate_cache()
+        return sum(int(meta["size"]) for meta in files.values())
+
+    def _write_create_only(self, path: str, data: bytes) -> None:
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+            return
+        except (TypeError, NotImplementedError):  # a backend without conditional writes: check, then write
+            pass
+        self._fresh()
+        if self.fs.exists(path):
+            raise FileExistsError(path)
+        self.fs.pipe_file(path, data)
+
+    def delete(self, step_name: str) -> None:
+        """Deletes a checkpoint: its manifest first (it stops being one), then every other object."""
+        try:
+            self.fs.rm_file(self._path(step_name, MANIFEST))
+        except FileNotFoundError:
+            pass
+        self.delete_objects(step_name)
+
+    def delete_objects(self, step_name: str) -> None:
+        """Deletes whatever is under a prefix (an uncommitted upload, or what `delete` left after the manifest)."""
+        self._fresh()
+        try:
+            self.fs.rm(self._path(step_name), recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache()
+
+    # ------------------------------------------------------------------------------------------ reading back
+
+    def download(self, step_name: str, dest: Path, want: Callable[[str], bool] = lambda name: True,
+                 progress: bool = False) -> Path:
+        """Downloads a committed checkpoint's files (those `want` accepts) into `dest`, checking each one's size
+        and sha256 against the manifest; writes the manifest there too. Returns `dest`.
+        Raises OSError naming the first file that does not match."""
+        manifest = self.read_manifest(step_name)
+        files = {name: meta for name, meta in manifest["files"].items() if want(name)}
+        dest.mkdir(parents=True, exist_ok=True)
+        total = sum(int(meta["size"]) for meta in files.values())
+        with _progress_bar(total, f"download {step_name}", progress) as bar, \
+                ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_TRANSFERS, len(files)))) as pool:
+            list(pool.map(lambda item: self._download_file(step_name, item[0], item[1], dest, bar.update),
+                          sorted(files.items())))
+        (dest / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        return dest
+
+    def _download_file(self, step_name: str, name: str, meta: dict, dest: Path,
+                       advance: Callable[[int], object]) -> None:
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        part = target.with_name(f".{target.name}.part")
+        digest, size = hashlib.sha256(), 0
+        with self.fs.open(self._path(step_name, name), "rb", block_size=CHUNK) as src, open(part, "wb") as dst:
+            while chunk := src.read(CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+                size += len(chunk)
+                advance(len(chunk))
+        if size != meta.get("size") or digest.hexdigest() != meta.get("sha256"):
+            part.unlink(missing_ok=True)
+            raise OSError(f"{self.url(step_name, name)} does not match the manifest "
+                          f"({size} bytes, sha256 {digest.hexdigest()[:12]}...; the manifest says "
+                          f"{meta.get('size')} bytes, {str(meta.get('sha256'))[:12]}...)")
+        os.replace(part, target)
