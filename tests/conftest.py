@@ -102,6 +102,17 @@ def reset_accelerate() -> None:
     AcceleratorState._reset_state(True)
 
 
+def train_in_process(*argv: str) -> int:
+    """`dtrain train ARGV` inside the test process (no subprocess), with fresh Accelerate settings around it."""
+    from dtrain.train import main
+
+    reset_accelerate()
+    try:
+        return main(list(argv))
+    finally:
+        reset_accelerate()
+
+
 @pytest.fixture
 def fresh_accelerate_state():
     """For tests that train inside the pytest process: Accelerate settings never leak between tests."""

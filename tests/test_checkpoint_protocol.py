@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, load_weights, reset_accelerate, same_tensors, train_cmd, wait_for
+from conftest import FAST, load_weights, reset_accelerate, same_tensors, train_cmd, train_in_process, wait_for
 
 from dtrain.checkpoint import CheckpointManager, RetentionPolicy, verify_checkpoint
 from dtrain.checkpoint.layout import read_pointer, step_dirs
@@ -24,20 +24,11 @@ from dtrain.checkpoint.manager import STAGES
 from dtrain.checkpoint.retention import CheckpointRecord, checkpoints_to_keep
 from dtrain.errors import CheckpointError
 from dtrain.metrics import read_records
-from dtrain.train import main
 
 CRASH_ARGS = [*FAST, "--save-every-steps", "10", "--max-steps", "30"]
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-def train_in_process(*argv: str) -> int:
-    reset_accelerate()
-    try:
-        return main(list(argv))
-    finally:
-        reset_accelerate()
 
 
 def assert_consistent(checkpoints: Path) -> list[str]:

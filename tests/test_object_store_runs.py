@@ -9,23 +9,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import FAST, load_weights, reset_accelerate, same_tensors, train_cmd
+from conftest import FAST, load_weights, same_tensors, train_cmd, train_in_process
 
 from dtrain.checkpoint.object_store import ObjectStore
 from dtrain.cli import main as cli_main
-from dtrain.train import main
 
 ARGS = [*FAST, "--save-every-steps", "10", "--max-steps", "30"]
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
-
-
-def train_in_process(*argv: str) -> int:
-    reset_accelerate()
-    try:
-        return main(list(argv))
-    finally:
-        reset_accelerate()
 
 
 def store_weights(store: ObjectStore, name: str) -> dict:
