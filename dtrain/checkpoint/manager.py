@@ -288,6 +288,8 @@ class CheckpointManager:
             self._result = self._commit_and_prune(step, temp, timing["started"], 0.0, self._side_group)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             self._result = exc
+        finally:
+            copied.set()  # whatever failed before the copy ran: before_optimizer_step() must never wait forever
 
     def _commit_and_prune(self, step: int, temp: Path, started: float, blocking: float | None,
                           group=None) -> SaveReport:
