@@ -90,7 +90,7 @@ def _stamp(stamps: list[tuple[float, float]], spec: dict, device: str) -> None:
 
 
 def run_dtrain(spec: dict, device: str, workdir: Path) -> dict:
-    from dtrain.trainer import Trainer
+    from dtrain.training.trainer import Trainer
 
     out = Path(tempfile.mkdtemp(prefix="dtrain-", dir=workdir))
     config = make_config(spec, str(out), device)
@@ -190,7 +190,7 @@ def run_interleaved(spec: dict, device: str, workdir: Path) -> dict:
     inside the Trainer's step hook, after every `chunk` dtrain steps, the plain loop runs `chunk` steps. Both
     sides thus see the same machine at (almost) the same moments, which cancels load that drifts over seconds.
     Each side's time is the sum of its own chunks; steps warmup+1.. are measured."""
-    from dtrain.trainer import Trainer
+    from dtrain.training.trainer import Trainer
 
     warmup, chunk, measured = spec["warmup"], spec["chunk"], spec["interleaved_steps"]
     total = warmup + measured

@@ -57,7 +57,7 @@ def resume_exact(precision: str, root: Path) -> dict:
     from accelerate.utils import load as safe_load
 
     out = root / f"verify-{precision}"
-    proc = run([sys.executable, "-m", "dtrain.cli", "verify-resume", *REGRESSION, "--device", "cuda",
+    proc = run([sys.executable, "-m", "dtrain.commands.cli", "verify-resume", *REGRESSION, "--device", "cuda",
                 "--mixed-precision", precision, "--verify-steps", "30", "--output-dir", str(out)])
     ends = [out / "verify-resume" / name / "checkpoints" for name in ("straight", "resumed")]
     scaler_same = None
@@ -69,7 +69,7 @@ def resume_exact(precision: str, root: Path) -> dict:
 
 
 def _equal(a, b) -> bool:
-    from dtrain.verify_resume import _equal as equal
+    from dtrain.commands.verify_resume import _equal as equal
 
     return equal(a, b)
 

@@ -16,8 +16,8 @@ from dtrain.utils import lazy_exports  # noqa: E402
 
 _EXPORTS = {
     "Config": "dtrain.config",
-    "Trainer": "dtrain.trainer",
-    "FitResult": "dtrain.trainer",
+    "Trainer": "dtrain.training.trainer",
+    "FitResult": "dtrain.training.trainer",
     "Task": "dtrain.tasks.base",
     "CheckpointManager": "dtrain.checkpoint.manager",
     "RetentionPolicy": "dtrain.checkpoint.retention",

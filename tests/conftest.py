@@ -104,7 +104,7 @@ def reset_accelerate() -> None:
 
 def train_in_process(*argv: str) -> int:
     """`dtrain train ARGV` inside the test process (no subprocess), with fresh Accelerate settings around it."""
-    from dtrain.train import main
+    from dtrain.commands.train import main
 
     reset_accelerate()
     try:

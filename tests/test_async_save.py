@@ -29,7 +29,7 @@ def assert_every_checkpoint_complete(out: Path) -> None:
 
 
 def test_async_checkpoint_has_the_same_content_as_a_synchronous_one(tmp_path):
-    from dtrain.train import main
+    from dtrain.commands.train import main
 
     args = [*FAST, "--max-steps", "20", "--save-every-steps", "10", "--dropout", "0.1"]
     assert main([*args, "--output-dir", str(tmp_path / "sync")]) == 0
@@ -53,7 +53,7 @@ def test_plain_accelerate_loads_an_async_checkpoint(tmp_path):
 
     from dtrain.config import TaskConfig
     from dtrain.tasks import regression
-    from dtrain.train import main
+    from dtrain.commands.train import main
 
     assert main([*FAST, "--max-steps", "10", "--async-save", "--output-dir", str(tmp_path)]) == 0
     task = regression.build(TaskConfig(task="regression", n_layer=2, n_embd=32), 1234)
@@ -67,7 +67,7 @@ def test_plain_accelerate_loads_an_async_checkpoint(tmp_path):
 
 
 def _equal(x, y) -> bool:
-    from dtrain.verify_resume import _equal as equal
+    from dtrain.commands.verify_resume import _equal as equal
 
     return equal(x, y)
 

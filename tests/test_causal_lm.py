@@ -235,7 +235,7 @@ def test_gradient_checkpointing_reaches_the_model_and_keeps_the_gradients(tmp_pa
 
 @pytest.mark.parametrize("kind,tied", [("gpt2", True), ("llama", False)], ids=["gpt2-tied", "llama-untied"])
 def test_hf_export_loads_with_from_pretrained_and_gives_the_trained_logits(runner, tmp_path, kind, tied):
-    from dtrain.cli import main as dtrain_main
+    from dtrain.commands.cli import main as dtrain_main
 
     data = write_corpus(tmp_path / "text")
     config = write_model_config(tmp_path / "config.json", kind, tied)
@@ -268,7 +268,7 @@ def test_hf_export_loads_with_from_pretrained_and_gives_the_trained_logits(runne
 
 
 def test_hf_export_refuses_a_non_causal_lm_run_and_a_foreign_directory(runner, tmp_path, capsys):
-    from dtrain.cli import main as dtrain_main
+    from dtrain.commands.cli import main as dtrain_main
 
     run = tmp_path / "run"
     result = runner.run(train_cmd("--task", "regression", "--max-steps", "2", "--epochs", "0", "--batch-size", "16",
@@ -301,7 +301,7 @@ def test_missing_hf_extra_is_one_usage_error_naming_it(runner, tmp_path):
 
 
 def train_in_process(args: list[str], capsys) -> tuple[int, str]:
-    from dtrain.train import main
+    from dtrain.commands.train import main
 
     code = main(args)
     return code, capsys.readouterr().err

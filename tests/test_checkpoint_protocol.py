@@ -23,7 +23,7 @@ from dtrain.checkpoint.layout import read_pointer, step_dirs
 from dtrain.checkpoint.manager import STAGES
 from dtrain.checkpoint.retention import CheckpointRecord, checkpoints_to_keep
 from dtrain.errors import CheckpointError
-from dtrain.metrics import read_records
+from dtrain.training.metrics import read_records
 
 CRASH_ARGS = [*FAST, "--save-every-steps", "10", "--max-steps", "30"]
 
@@ -140,7 +140,7 @@ def test_plain_accelerate_load_state_reads_a_dtrain_checkpoint(tmp_path, capsys)
 
     from dtrain.config import TaskConfig
     from dtrain.tasks.regression import build
-    from dtrain.trainer import warmup_cosine
+    from dtrain.training.trainer import warmup_cosine
 
     out = tmp_path / "run"
     assert train_in_process(*FAST, "--output-dir", str(out), "--max-steps", "10", "--save-every-steps", "10") == 0, \

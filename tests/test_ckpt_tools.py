@@ -1,6 +1,6 @@
 """Checkpoint tools on a real run that was interrupted by SIGTERM and resumed: show, prune, export, eval, plot.
 
-The commands run in-process through `dtrain.cli.main` (they start no Accelerator), the training runs as real
+The commands run in-process through `dtrain.commands.cli.main` (they start no Accelerator), the training runs as real
 processes.
 """
 
@@ -18,8 +18,8 @@ import pytest
 from conftest import FAST, Runner, load_weights, same_tensors, train_cmd, wait_for
 from dtrain.checkpoint.layout import read_pointer, read_trainer_state, step_dirs, verify_checkpoint
 from dtrain.checkpoint.retention import RetentionPolicy
-from dtrain.ckpt_tools import plan_prune
-from dtrain.cli import main
+from dtrain.commands.ckpt import plan_prune
+from dtrain.commands.cli import main
 
 # Wider than FAST's default so the weights dominate an exported file (the bf16 size check needs that).
 RUN_ARGS = [*FAST, "--n-embd", "128", "--max-steps", "120", "--epochs", "0", "--save-every-steps", "20",
@@ -108,7 +108,7 @@ def test_export_round_trip_and_bf16_halves_the_size(resumed_run, tmp_path, capsy
     from safetensors.torch import load_file
 
     from dtrain.config import config_from_dict
-    from dtrain.export import load_exported, read_export_metadata
+    from dtrain.commands.export import load_exported, read_export_metadata
     from dtrain.tasks import build_task
 
     fp32, bf16 = tmp_path / "model.safetensors", tmp_path / "model-bf16.safetensors"

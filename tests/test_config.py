@@ -10,9 +10,9 @@ import pytest
 import yaml
 from conftest import FAST, TRAIN
 
-from dtrain import cli
+from dtrain.commands import cli
 from dtrain.config import FIELDS, QUICK_PRESET, Config, config_from_args, read_config_file
-from dtrain.train import build_parser, main
+from dtrain.commands.train import build_parser, main
 
 # Flag names users and scripts rely on: fixed.
 CONTRACT_FLAGS = [

@@ -8,8 +8,8 @@ import pytest
 from conftest import FAST, reset_accelerate, train_cmd
 
 from dtrain.config import Config
-from dtrain.metrics import read_records
-from dtrain.train import main
+from dtrain.training.metrics import read_records
+from dtrain.commands.train import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -24,11 +24,11 @@ def test_the_default_config_saves_every_600_seconds_and_help_says_so(runner):
 
 
 def test_a_run_without_save_flags_saves_on_the_clock(tmp_path, monkeypatch):
-    import dtrain.trainer
+    import dtrain.training.trainer
 
     # A clock that advances 100 s each time the trainer reads it: the default 600 s interval comes every few steps.
     ticks = itertools.count()
-    monkeypatch.setattr(dtrain.trainer.time, "monotonic", lambda: 100.0 * next(ticks))
+    monkeypatch.setattr(dtrain.training.trainer.time, "monotonic", lambda: 100.0 * next(ticks))
     out = tmp_path / "run"
     reset_accelerate()
     assert main([*FAST, "--max-steps", "40", "--keep-last", "0", "--output-dir", str(out)]) == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, REPO, TRAIN, free_port, load_weights, same_tensors, trainer_pids, wait_for
 
-from dtrain.exit_status import read as read_status
+from dtrain.training.exit_status import read as read_status
 
 ARGS = [*FAST, "--epochs", "0", "--max-steps", "200", "--save-every-steps", "20", "--device", "cpu",
         "--resume", "auto"]

@@ -11,7 +11,7 @@ import pytest
 from conftest import FAST, train_cmd
 
 from dtrain.data import ShardedEvalSampler
-from dtrain.metrics import read_records
+from dtrain.training.metrics import read_records
 
 COMBOS = [(n, world, batch, max_batches)
           for n in (0, 1, 2, 3, 5, 7, 16, 17, 33, 100)

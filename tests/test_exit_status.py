@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import FAST, REPO, TRAIN, free_port, launch_cmd, wait_for
 
-from dtrain.cli import main as cli_main
-from dtrain.train import main
+from dtrain.commands.cli import main as cli_main
+from dtrain.commands.train import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 SHORT = [*FAST, "--max-steps", "12", "--save-every-steps", "6"]

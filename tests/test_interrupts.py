@@ -150,12 +150,12 @@ def test_signal_during_evaluation_is_honoured_after_it(runner, tmp_path):
 
 
 def test_launcher_death_is_noticed_through_the_parent_watch(tmp_path):
-    from dtrain.interrupt import InterruptHandler
+    from dtrain.training.interrupt import InterruptHandler
 
     script = (
         "import dtrain, time\n"  # records the parent first, as dtrain/train.py does
         "time.sleep(2)\n"  # the launcher dies while we are still starting up
-        "from dtrain.interrupt import InterruptHandler\n"
+        "from dtrain.training.interrupt import InterruptHandler\n"
         "h = InterruptHandler(watch_parent=True, poll_seconds=0.05).install()\n"
         "print('ready', flush=True)\n"
         "deadline = time.time() + 20\n"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import FAST, REPO, TRAIN
 
-from dtrain.runtime import launcher_settings, resolve_device, resolve_precision
+from dtrain.training.runtime import launcher_settings, resolve_device, resolve_precision
 
 SHORT = [*FAST, "--max-steps", "4", "--eval-every-steps", "4"]
 

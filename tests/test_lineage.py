@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from conftest import FAST, reset_accelerate, train_cmd
 
-from dtrain import cli
+from dtrain.commands import cli
 from dtrain.checkpoint.layout import read_pointer, read_trainer_state, step_dir_name, step_dirs
 from dtrain.checkpoint.lineage import child_ancestry, lineage_of
 from dtrain.checkpoint.resolve import find_latest
 from dtrain.checkpoint.retention import CheckpointRecord
-from dtrain.metrics import read_records
-from dtrain.train import main
+from dtrain.training.metrics import read_records
+from dtrain.commands.train import main
 
 # ------------------------------------------------------------------------------------------- pure lineage
 

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from conftest import FAST
-from dtrain.train import main
+from dtrain.commands.train import main
 
 
 def records(out: Path) -> list[dict]:

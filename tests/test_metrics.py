@@ -6,7 +6,7 @@ import csv
 import json
 import math
 
-from dtrain.metrics import MetricsLog, read_records
+from dtrain.training.metrics import MetricsLog, read_records
 
 
 def csv_rows(path) -> tuple[list[str], list[dict]]:

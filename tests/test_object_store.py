@@ -207,7 +207,7 @@ def test_large_transfers_show_a_progress_bar_when_asked(store, tmp_path, monkeyp
 
 
 def test_the_start_up_check_is_about_what_every_node_must_share(tmp_path):
-    from dtrain.shared_dir import directory_every_node_must_see
+    from dtrain.training.shared_dir import directory_every_node_must_see
 
     out = tmp_path / "run"
     assert directory_every_node_must_see(out, out / "checkpoints") == out.absolute()  # the default

@@ -12,7 +12,7 @@ import pytest
 from conftest import FAST, load_weights, same_tensors, train_cmd, train_in_process
 
 from dtrain.checkpoint.object_store import ObjectStore
-from dtrain.cli import main as cli_main
+from dtrain.commands.cli import main as cli_main
 
 ARGS = [*FAST, "--save-every-steps", "10", "--max-steps", "30"]
 
@@ -220,7 +220,7 @@ def test_ckpt_commands_accept_a_uri(s3_bucket, tmp_path, capsys):
     out_file = tmp_path / "model.safetensors"
     assert cli_main(["ckpt", "export", uri, "--which", "latest", "--out", str(out_file)]) == 0
     assert same_tensors(load_weights_file(out_file), store_weights(store, "step_000000030"))
-    from dtrain.export import read_export_metadata
+    from dtrain.commands.export import read_export_metadata
 
     assert read_export_metadata(out_file)["source"] == f"{uri}/step_000000030"
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import FAST
 
-from dtrain import certificate
-from dtrain.train import main
+from dtrain.training import certificate
+from dtrain.commands.train import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 BASE = [*FAST, "--save-every-steps", "10", "--max-steps", "30"]
@@ -42,7 +42,7 @@ def test_checkpoint_without_a_certificate_is_not_compared():
 
 
 def test_planned_lrs_follow_the_schedule_in_force_not_the_restored_last_lr():
-    from dtrain.schedule import warmup_cosine
+    from dtrain.training.schedule import warmup_cosine
 
     def scheduler(total: int):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)

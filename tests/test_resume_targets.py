@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import FAST, load_weights, reset_accelerate, same_tensors
 
-from dtrain import cli
+from dtrain.commands import cli
 from dtrain.checkpoint.layout import read_pointer, step_dirs, verify_checkpoint
-from dtrain.metrics import read_records
-from dtrain.train import main
+from dtrain.training.metrics import read_records
+from dtrain.commands.train import main
 
 BASE = [*FAST, "--save-every-steps", "10", "--max-steps", "30"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, REPO, free_port, wait_for
 
-from dtrain.exit_status import read as read_status
+from dtrain.training.exit_status import read as read_status
 
 SBATCH = str(REPO / "launch_configs" / "slurm" / "dtrain.sbatch")
 RUN = [*FAST, "--epochs", "0", "--max-steps", "150", "--save-every-steps", "20"]

@@ -120,7 +120,7 @@ def test_async_and_sync_checkpoints_of_a_tied_model_hold_the_same_names_and_byte
 
 
 def test_init_from_loads_a_tied_checkpoint_with_the_tie_intact(straight):
-    from dtrain.resume import load_initial_weights
+    from dtrain.training.resume import load_initial_weights
 
     checkpoint = straight("gpt2_lm") / "checkpoints" / "step_000000020"
     model = build_model("gpt2_lm")
@@ -147,7 +147,7 @@ def test_a_run_starts_from_a_tied_checkpoint_with_init_from(runner, straight, tm
 
 def test_eval_of_a_tied_checkpoint_reproduces_the_metric_training_measured(straight, capsys):
     from dtrain.checkpoint.layout import read_trainer_state
-    from dtrain.cli import main
+    from dtrain.commands.cli import main
 
     checkpoint = straight("gpt2_lm") / "checkpoints" / "step_000000020"
     measured = read_trainer_state(checkpoint)["checkpoint_metric"]["value"]
@@ -160,8 +160,8 @@ def test_eval_of_a_tied_checkpoint_reproduces_the_metric_training_measured(strai
 def test_export_of_a_tied_model_loads_back_with_the_tie_intact(straight, tmp_path, model):
     from safetensors.torch import load_model
 
-    from dtrain.cli import main
-    from dtrain.export import load_exported
+    from dtrain.commands.cli import main
+    from dtrain.commands.export import load_exported
 
     run = straight(model)
     out = tmp_path / "model.safetensors"
@@ -182,7 +182,7 @@ def test_export_of_a_tied_model_loads_back_with_the_tie_intact(straight, tmp_pat
 @pytest.mark.slow
 def test_a_real_shape_mismatch_still_exits_2_naming_the_tensor(runner, straight, tmp_path):
     from dtrain.errors import UsageError
-    from dtrain.resume import load_initial_weights
+    from dtrain.training.resume import load_initial_weights
 
     checkpoint = straight("gpt2_lm") / "checkpoints" / "step_000000020"
     expected = "does not fit the model: transformer.wte.weight: checkpoint (64, 32) vs model (64, 48)"
@@ -219,7 +219,7 @@ def test_a_file_without_the_alias_fits_and_loads_tied(tmp_path):
 
 def test_a_file_holding_both_tied_names_loads_but_resume_refuses_it_clearly(tmp_path):
     from dtrain.errors import UsageError
-    from dtrain.resume import check_tensors_fit
+    from dtrain.training.resume import check_tensors_fit
     from dtrain.weights import load_weights as load_into
 
     source = build_model("gpt2_lm")

@@ -48,8 +48,8 @@ def test_two_processes_really_run_two_ranks_with_identical_parameters(runner, tm
 
 def test_world_size_above_one_that_ends_with_one_rank_is_an_error(monkeypatch, capsys, tmp_path):
     # What we saw with torchrun on a CPU box without cpu=True: WORLD_SIZE=2, yet each rank alone.
-    import dtrain.runtime
-    from dtrain.train import main
+    import dtrain.training.runtime
+    from dtrain.commands.train import main
 
     class SingleRankAccelerator:
         num_processes, distributed_type = 1, "NO"
@@ -58,7 +58,7 @@ def test_world_size_above_one_that_ends_with_one_rank_is_an_error(monkeypatch, c
             pass
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(dtrain.runtime, "Accelerator", SingleRankAccelerator)
+    monkeypatch.setattr(dtrain.training.runtime, "Accelerator", SingleRankAccelerator)
     assert main([*FAST, "--max-steps", "2", "--output-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dtrain: error:") and "WORLD_SIZE=2" in err and "Traceback" not in err

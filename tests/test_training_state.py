@@ -9,10 +9,10 @@ import pytest
 from conftest import FAST, reset_accelerate
 
 from dtrain.checkpoint.layout import read_trainer_state, step_dir_name, step_dirs
-from dtrain.metrics import read_records
+from dtrain.training.metrics import read_records
 from dtrain.pipeline.state import is_final
-from dtrain.schedule import LRPlan, plan_change
-from dtrain.train import main
+from dtrain.training.schedule import LRPlan, plan_change
+from dtrain.commands.train import main
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 

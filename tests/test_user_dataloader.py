@@ -154,7 +154,7 @@ def test_a_sampler_without_state_exits_2_with_one_error_line(runner, tmp_path):
         "import sys, torch\n"
         "from torch.utils.data import DataLoader, TensorDataset\n"
         "from dtrain import Config, Trainer\n"
-        "from dtrain.cli_common import run_main\n"
+        "from dtrain.commands.common import run_main\n"
         "class Backwards(torch.utils.data.Sampler):\n"
         "    def __len__(self): return 8\n"
         "    def __iter__(self): return iter(range(7, -1, -1))\n"

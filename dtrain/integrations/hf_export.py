@@ -38,7 +38,7 @@ def _model_of_checkpoint(checkpoint: Path, state: dict[str, Any]):
 
 
 def export_hf(checkpoint: Path, out: Path, dtype: str = "fp32") -> dict[str, Any]:
-    from dtrain.export import DTYPES, _torch_dtype
+    from dtrain.commands.export import DTYPES, _torch_dtype
 
     if dtype not in DTYPES:
         raise UsageError(f"invalid value for --dtype: {dtype!r}; accepted: {', '.join(DTYPES)}")
@@ -79,7 +79,7 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "fp32") -> dict[str, Any
 
 
 def export_hf_command(checkpoint: Path, out: Path, dtype: str) -> None:
-    from dtrain.ckpt_tools import human_size
+    from dtrain.commands.ckpt import human_size
 
     info = export_hf(checkpoint, out, dtype)
     print(f"exported {checkpoint} (step {info['step']}, causal-lm) to {info['path']} as a Hugging Face model "

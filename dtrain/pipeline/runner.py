@@ -2,7 +2,7 @@
 
 Under `accelerate launch` every rank runs this same code. Rank 0 alone reads the disk to decide (the plan,
 each stage's starting point) and hands its decision to the other ranks, so all ranks run the same stages even
-while rank 0 is writing; rank 0 alone writes pipeline files. Each stage is one `dtrain.train.train(config)`
+while rank 0 is writing; rank 0 alone writes pipeline files. Each stage is one `dtrain.training.run.train(config)`
 with its own Accelerator. A signal during a stage is handled by the trainer exactly as in a single run
 (coordinated save, exit 128+N); one that arrives between stages stops the pipeline before the next one.
 """
@@ -158,7 +158,7 @@ def resolve_init_from(pipeline: Pipeline, stage: Stage) -> str | None:
 
 def run_pipeline(pipeline: Pipeline, mode: RunMode, command: str) -> list[StageStatus]:
     """Runs the pipeline on every rank; `command` is how to continue it (printed after an interrupt)."""
-    from dtrain.train import train
+    from dtrain.training.run import train
 
     device = _pipeline_device(pipeline)
     is_main = _start_processes(device)
@@ -198,7 +198,7 @@ def _between_stages(command: str, is_main: bool):
     """A signal that arrives while the pipeline decides or prepares a stage stops it at the end of the block,
     on every rank at once, rather than half-way through writing. During a stage the trainer's own handlers
     take over (they are installed for the training loop; outside it signals keep their default effect)."""
-    from dtrain.interrupt import InterruptHandler
+    from dtrain.training.interrupt import InterruptHandler
 
     with InterruptHandler(watch_parent=False) as interrupts:
         yield
@@ -206,7 +206,7 @@ def _between_stages(command: str, is_main: bool):
 
 
 def _pipeline_device(pipeline: Pipeline) -> str:
-    from dtrain.runtime import resolve_device
+    from dtrain.training.runtime import resolve_device
 
     devices = {s.name: resolve_device(s.config(init_from=str(s.init_ref) if s.init_ref else None).train.device)
                for s in pipeline.stages}
@@ -218,7 +218,7 @@ def _pipeline_device(pipeline: Pipeline) -> str:
 
 def _start_processes(device: str) -> bool:
     """Sets up the one process group that every stage shares (each stage's Accelerator gets fresh settings of
-    its own, see dtrain.runtime); run_main closes the group at the end. Returns whether this is rank 0."""
+    its own, see dtrain.training.runtime); run_main closes the group at the end. Returns whether this is rank 0."""
     from accelerate import PartialState
 
     return PartialState(cpu=device == "cpu").is_main_process
@@ -271,12 +271,12 @@ def _stop(signum: int, command: str, is_main: bool) -> None:
 
 def pipeline_command(pipeline_file: str, extra: list[str] = ()) -> str:
     """The command that continues this pipeline: the same launcher and file, without redo/fresh options."""
-    from dtrain.resume import launch_argv
+    from dtrain.training.resume import launch_argv
 
     argv = launch_argv()
     prefix = argv[:argv.index("pipeline")] if "pipeline" in argv else ["dtrain"]
     if prefix[0] == "python" and len(prefix) == 2 and prefix[1].endswith("cli.py"):
-        prefix = ["python", "-m", "dtrain.cli"]  # `python -m dtrain.cli` shows up as the file's path
+        prefix = ["python", "-m", "dtrain.commands.cli"]  # `python -m dtrain.cli` shows up as the file's path
     return shlex.join([*prefix, "pipeline", "run", pipeline_file, *extra])
 
 

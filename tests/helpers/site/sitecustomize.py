@@ -14,7 +14,7 @@ for _name in filter(None, os.environ.get("DTRAIN_TEST_HIDE_MODULES", "").split("
 if os.environ.get("DTRAIN_TEST_PAUSE_AT_STEP") and sys.argv and sys.argv[0].endswith("train.py"):
     import time
 
-    from dtrain.trainer import Trainer
+    from dtrain.training.trainer import Trainer
 
     _pause_at = int(os.environ["DTRAIN_TEST_PAUSE_AT_STEP"])
     _original = Trainer._after_optimizer_step

@@ -117,24 +117,3 @@ def read(output_dir: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("reason") not in REASONS or not isinstance(data.get("exit_code"), int):
         raise UsageError(f"{path} is not a dtrain exit status")
     return data
-
-
-def status_command(args) -> int:
-    """`dtrain status OUTPUT_DIR`: prints how the last run ended and exits with that run's exit code."""
-    data = read(args.output_dir)
-    if args.json:
-        print(json.dumps(data))
-    else:
-        line = f"{data['reason']} (exit code {data['exit_code']})"
-        if data.get("signal"):
-            line += f" by {data['signal']}"
-        if data.get("step") is not None:
-            line += f" at step {data['step']}"
-        print(line)
-        if data.get("checkpoint"):
-            print(f"checkpoint: {data['checkpoint']}")
-        if data.get("resume_command") and data["reason"] in ("interrupted", "failed"):
-            print(f"Resume with: {data['resume_command']}")
-        if data.get("finished_at"):
-            print(f"ended at {data['finished_at']}")
-    return data["exit_code"]

@@ -23,8 +23,8 @@ from accelerate.utils import DistributedType, send_to_device
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from dtrain import certificate
-from dtrain import resume as resume_checks
+from dtrain.training import certificate
+from dtrain.training import resume as resume_checks
 from dtrain.checkpoint import CheckpointManager, RetentionPolicy, resolve_resume
 from dtrain.checkpoint.manager import STAGING_DIR
 from dtrain.config import Config, write_config
@@ -32,13 +32,13 @@ from dtrain.data import ShardedEvalSampler, build_train_source, make_loader
 from dtrain.data.stream import EvalStream
 from dtrain.distributed import run_and_agree
 from dtrain.errors import CheckpointError, Interrupted, UsageError
-from dtrain.interrupt import InterruptHandler
+from dtrain.training.interrupt import InterruptHandler
 from dtrain.lock import RunLock
-from dtrain.metrics import MetricsLog
+from dtrain.training.metrics import MetricsLog
 from dtrain.rng import preserved_rng
-from dtrain.runtime import make_accelerator
-from dtrain.schedule import LRPlan, plan_change, warmup_cosine
-from dtrain.shared_dir import check_every_node_sees, directory_every_node_must_see
+from dtrain.training.runtime import make_accelerator
+from dtrain.training.schedule import LRPlan, plan_change, warmup_cosine
+from dtrain.training.shared_dir import check_every_node_sees, directory_every_node_must_see
 from dtrain.tasks import Task
 from dtrain.tasks.base import evaluation_sums, metrics_from_sums
 

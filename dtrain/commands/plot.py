@@ -12,7 +12,7 @@ from typing import Any
 
 from dtrain.checkpoint.layout import BEST, parse_step, read_pointer, read_trainer_state
 from dtrain.errors import UsageError
-from dtrain.metrics import read_records
+from dtrain.training.metrics import read_records
 
 TRAIN_SKIP = {"step", "epoch", "kind", "lr", "steps_per_second", "samples_seen"}
 

@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import load as safe_load
 from safetensors.torch import load_file
 
-from dtrain.cli_common import run_main
+from dtrain.commands.common import run_main
 from dtrain.config import Config, config_from_args
 from dtrain.errors import Interrupted, UsageError
 
@@ -27,7 +27,7 @@ PROGRESS_FIELDS = ("global_step", "epoch", "step_in_epoch", "epoch_samples_seen"
 
 
 def build_parser():
-    from dtrain.train import build_parser as train_parser
+    from dtrain.commands.train import build_parser as train_parser
 
     parser = train_parser(prog="dtrain verify-resume")
     parser.description = "Train a few steps straight and with a stop + resume; report whether both ends match."
@@ -38,7 +38,7 @@ def build_parser():
 
 
 def run_variant(config: Config, output_dir: Path, resume: str, stop_at: int | None) -> None:
-    from dtrain.train import train
+    from dtrain.training.run import train
 
     variant = copy.deepcopy(config)
     variant.output_dir = str(output_dir)
@@ -86,7 +86,7 @@ def _equal(x: Any, y: Any) -> bool:
 
 def verify(args) -> bool:
     from dtrain.checkpoint.resolve import find_latest
-    from dtrain.cli_common import is_rank_zero
+    from dtrain.commands.common import is_rank_zero
 
     config = config_from_args(args)
     steps = args.verify_steps

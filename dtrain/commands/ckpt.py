@@ -22,7 +22,7 @@ from dtrain.checkpoint.retention import RetentionPolicy, checkpoints_to_delete
 from dtrain.checkpoint.storage import (CheckpointLocation, CheckpointStorage, LocalDirectory, open_storage,
                                        split_checkpoint_uri)
 from dtrain.errors import UsageError
-from dtrain.metrics import read_records
+from dtrain.training.metrics import read_records
 
 
 def checkpoints_dir_of(path: str | Path) -> CheckpointStorage:

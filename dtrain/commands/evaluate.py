@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dtrain.checkpoint.layout import read_trainer_state
-from dtrain.ckpt_tools import local_copy, select_checkpoint
+from dtrain.commands.ckpt import local_copy, select_checkpoint
 from dtrain.errors import UsageError
 
 

@@ -1,0 +1,95 @@
+"""`dtrain ckpt export`: one safetensors file of a checkpoint's model weights, for inference.
+
+The file's metadata carries what is needed to use it without the run: the config (JSON), the step and epoch,
+the task and the source checkpoint. `load_exported(path)` rebuilds the task's model from that config and loads
+the weights; `safetensors.torch.load_file(path)` reads the plain tensors.
+
+Tied weights are stored once, under the name the checkpoint holds (see dtrain/weights.py):
+`safetensors.torch.load_model(model, path)` and `load_exported` fill the shared tensor and keep the tie.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from dtrain.checkpoint.layout import read_trainer_state
+from dtrain.commands.ckpt import human_size, local_copy, select_checkpoint
+from dtrain.errors import UsageError
+
+EXPORT_FORMAT = "dtrain-export/1"
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "fp32", source: str | None = None) -> dict[str, Any]:
+    """Writes the checkpoint's model weights (floating tensors cast to `dtype`) to `out`, atomically.
+    `source`: what the metadata names as the origin (default: the checkpoint dir; a URI for a downloaded one)."""
+    from safetensors.torch import load_file, save_file
+
+    if dtype not in DTYPES:
+        raise UsageError(f"invalid value for --dtype: {dtype!r}; accepted: {', '.join(DTYPES)}")
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        raise UsageError(f"{checkpoint} has no model.safetensors (a sharded FSDP checkpoint cannot be exported "
+                         f"as one file yet)")
+    if out.is_dir():
+        raise UsageError(f"invalid value for --out: {out} is a directory; accepted: a file path such as model.safetensors")
+    state = read_trainer_state(checkpoint)
+    target = _torch_dtype(dtype)
+    tensors = {name: t.to(target) if t.is_floating_point() else t for name, t in load_file(str(weights)).items()}
+    metadata = {
+        "format": EXPORT_FORMAT, "task": str(state.get("task")), "step": str(state.get("global_step")),
+        "epoch": str(state.get("epoch")), "dtype": dtype, "source": source or str(checkpoint.resolve()),
+        "config": json.dumps(state.get("config") or {}),
+        "checkpoint_metric": json.dumps(state.get("checkpoint_metric")),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(temp), metadata=metadata)
+        os.replace(temp, out)  # readers never see half a file
+    finally:
+        temp.unlink(missing_ok=True)
+    return {"path": str(out), "bytes": out.stat().st_size, "tensors": len(tensors), **metadata}
+
+
+def read_export_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_exported(path: str | Path):
+    """Rebuilds the task's model from the exported config and loads the weights. Returns (model, config)."""
+    from dtrain.config import config_from_dict
+    from dtrain.tasks import build_task
+    from dtrain.weights import load_weights
+
+    metadata = read_export_metadata(path)
+    if metadata.get("format") != EXPORT_FORMAT:
+        raise UsageError(f"{path} is not a dtrain export (its metadata has no format {EXPORT_FORMAT!r})")
+    config = config_from_dict(json.loads(metadata["config"]))
+    model = build_task(config.task, config.train.seed).model
+    load_weights(model, path)  # ties intact; cast to the model's dtype
+    return model, config
+
+
+def export_command(args) -> None:
+    checkpoint = select_checkpoint(args.path, args.which)
+    with local_copy(checkpoint) as local:  # an object-store checkpoint: its weights, downloaded
+        if getattr(args, "format", "safetensors") == "hf":
+            from dtrain.integrations.hf_export import export_hf_command
+
+            return export_hf_command(local, Path(args.out), args.dtype)
+        info = export_checkpoint(local, Path(args.out), args.dtype, source=str(checkpoint))
+    print(f"exported {checkpoint} (step {info['step']}, {info['task']}) to {info['path']}: "
+          f"{info['tensors']} tensors as {args.dtype}, {human_size(info['bytes'])}")
