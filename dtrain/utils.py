@@ -50,3 +50,12 @@ def remove_tree(path: Path) -> None:
     trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def human_size(n: float) -> str:
+    """A byte count as people read it: 512 B, 1.5 KB, 3.2 GB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

@@ -24,6 +24,14 @@ from dtrain.errors import UsageError
 
 Shape = tuple[int, ...]
 
+# The dtypes an export may cast floating weights to (`dtrain ckpt export --dtype`).
+EXPORT_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """One of EXPORT_DTYPES as a torch dtype."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
 
 def shared_groups(state_dict: Mapping[str, torch.Tensor]) -> list[list[str]]:
     """Names that refer to one storage (two or more each), in state_dict order: the first is the name

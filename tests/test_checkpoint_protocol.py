@@ -20,7 +20,7 @@ from conftest import FAST, load_weights, reset_accelerate, same_tensors, train_c
 
 from dtrain.checkpoint import CheckpointManager, RetentionPolicy, verify_checkpoint
 from dtrain.checkpoint.layout import read_pointer, step_dirs
-from dtrain.checkpoint.manager import STAGES
+from dtrain.checkpoint.local_commit import STAGES
 from dtrain.checkpoint.retention import CheckpointRecord, checkpoints_to_keep
 from dtrain.errors import CheckpointError
 from dtrain.training.metrics import read_records

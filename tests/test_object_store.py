@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dtrain.checkpoint.object_store import ObjectStore, is_uri, local_path, open_filesystem
+from dtrain.checkpoint.location import is_uri, local_path
+from dtrain.checkpoint.object_store import ObjectStore, open_filesystem
 from dtrain.errors import UsageError
 
 

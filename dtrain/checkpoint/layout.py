@@ -1,4 +1,8 @@
-"""Names and files of the checkpoint directory (docs/checkpoints.md), and reading/verifying them."""
+"""The bottom of the checkpoint package: names and files of a checkpoint, its manifest, and verifying a directory.
+
+Nothing here knows where checkpoints are stored (location.py, storage.py) or how runs descend from each other
+(records.py, lineage.py).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
-from dtrain.checkpoint.lineage import lineage_of
-from dtrain.checkpoint.retention import CheckpointRecord
 from dtrain.utils import atomic_write_text, fsync_path
 
 FORMAT = "dtrain-checkpoint/1"
@@ -59,65 +61,6 @@ def write_pointer(checkpoints_dir: Path, name: str, target: str) -> None:
 
 def read_trainer_state(path: Path) -> dict:
     return json.loads((path / TRAINER_STATE).read_text())
-
-
-def read_record(path: Path, monitor: str | None = None) -> CheckpointRecord | None:
-    """What retention and the lineage need to know of a checkpoint (None when its trainer state is unreadable).
-    The metric counts only when it is the `monitor` (any metric when None)."""
-    try:
-        return record_from_state(read_trainer_state(path), parse_step(path.name), monitor)
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
-
-
-def record_from_state(state: dict, step: int, monitor: str | None = None) -> CheckpointRecord:
-    metric = state.get("checkpoint_metric") or {}
-    value = metric.get("value") if monitor is None or metric.get("name") == monitor else None
-    ancestry = tuple((a.get("run_id"), int(a["step"])) for a in state.get("ancestry") or [])
-    return CheckpointRecord(step, value, state.get("run_id"), ancestry)
-
-
-def as_storage(checkpoints):
-    """A checkpoints directory (path) or an object store URI as its CheckpointStorage (storage.py); a storage
-    as it is. The lineage functions below read checkpoints through it, wherever they are."""
-    if hasattr(checkpoints, "step_names"):
-        return checkpoints
-    from dtrain.checkpoint.storage import open_storage  # storage.py builds on this module
-
-    return open_storage(checkpoints)
-
-
-def checkpoint_records(checkpoints, monitor: str | None = None) -> list[CheckpointRecord]:
-    """Records of every checkpoint (directory or object-store prefix) whose trainer state can be read, oldest
-    first. `checkpoints`: a checkpoints directory, a URI or a CheckpointStorage."""
-    storage, records = as_storage(checkpoints), []
-    for name in storage.step_names():
-        try:
-            records.append(record_from_state(storage.read_trainer_state(name), parse_step(name), monitor))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            continue
-    return records
-
-
-def lineage_head(checkpoints, records: list[CheckpointRecord]) -> int | None:
-    """The step whose lineage counts: `latest`'s, else the newest checkpoint. When the pointed checkpoint's
-    state cannot be read (damaged), the newest readable one below it stands in for it."""
-    pointed = as_storage(checkpoints).read_pointer(LATEST)
-    limit = parse_step(pointed) if pointed is not None else None
-    steps = [r.step for r in records if limit is None or r.step <= limit]
-    return max(steps) if steps else None
-
-
-def current_lineage(checkpoints, monitor: str | None = None,
-                    head_step: int | None = None) -> tuple[list[CheckpointRecord], list[CheckpointRecord]]:
-    """(records on the lineage of `head_step`, default the `latest` one; records of other lineages), oldest
-    first. Unreadable checkpoints are in neither."""
-    storage = as_storage(checkpoints)
-    records = checkpoint_records(storage, monitor)
-    head = lineage_head(storage, records) if head_step is None else head_step
-    on = lineage_of(records, head) if head is not None else []
-    steps = {r.step for r in on}
-    return on, [r for r in records if r.step not in steps]
 
 
 def _file_digest(path: Path) -> tuple[int, str]:

@@ -9,7 +9,7 @@ Nothing is ever "renamed" (an object store's move is a copy plus a delete, and c
 a checkpoint deletes its manifest first: from that moment it is not a checkpoint, whatever is left of it.
 The `latest` and `best` pointer objects beside the prefixes are hints; resolution lists the prefixes.
 
-This module only moves bytes; which rank does what, and when, is the commit protocol in manager.py.
+This module only moves bytes; which rank does what, and when, is the commit protocol (store_commit.py).
 """
 
 from __future__ import annotations
@@ -31,19 +31,6 @@ PARALLEL_TRANSFERS = 4  # files moved at the same time by one process
 PROGRESS_MIN_BYTES = 256 << 20  # transfers at least this large show a progress bar (on the main process)
 WHOLE_FILE_UPLOAD_BYTES = 256 << 20  # files up to this size are uploaded from memory in one call
 STREAM_PART_BYTES = 64 << 20  # the part size of larger files, streamed (a multipart upload)
-
-
-def is_uri(location: str | os.PathLike) -> bool:
-    """True for an object store URI (`s3://bucket/prefix`, `gs://...`, `memory://...`); False for a plain path
-    or a `file://` URI, which are local directories with the rename commit."""
-    text = str(location)
-    return "://" in text and not text.startswith("file://")
-
-
-def local_path(location: str | os.PathLike) -> Path:
-    """A plain path or `file://` URI as a local path."""
-    text = str(location)
-    return Path(text[len("file://"):] if text.startswith("file://") else text)
 
 
 def open_filesystem(uri: str):

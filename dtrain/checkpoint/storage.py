@@ -2,8 +2,8 @@
 
 Both answer the same questions for everything that reads or prunes checkpoints (resolution, retention, the
 lineage, `dtrain ckpt`): which step names exist, what a pointer says, a checkpoint's trainer state, whether it
-verifies, and how to delete one. How a checkpoint is written differs, and the CheckpointManager's protocol
-knows both ways (`is_remote`).
+verifies, and how to delete one. How a checkpoint is written differs: local_commit.py and store_commit.py.
+Which one a path or URI means is decided in location.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Protocol, Union
 
 from dtrain.checkpoint.layout import (Verification, read_pointer, read_trainer_state, step_dirs, verify_checkpoint,
                                       write_pointer)
-from dtrain.checkpoint.object_store import ObjectStore, is_uri, local_path
+from dtrain.checkpoint.object_store import ObjectStore
 from dtrain.utils import remove_tree
 
 # A checkpoint given by the user or found by resolution: a local directory, or the URI of a step prefix.
@@ -81,14 +81,3 @@ class RemoteStore(ObjectStore):
 
     def location(self, step_name: str) -> str:
         return self.url(step_name)
-
-
-def open_storage(location: str | os.PathLike) -> LocalDirectory | RemoteStore:
-    """The storage behind `--checkpoint-dir`: an object store URI, or a directory (plain path or file://)."""
-    return RemoteStore(str(location)) if is_uri(location) else LocalDirectory(local_path(location))
-
-
-def split_checkpoint_uri(uri: str) -> tuple[RemoteStore, str]:
-    """`s3://bucket/prefix/step_000000120` -> (the store of `s3://bucket/prefix`, "step_000000120")."""
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    return RemoteStore(parent), name

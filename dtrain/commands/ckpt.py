@@ -14,74 +14,16 @@ from typing import Any, Iterator
 
 import yaml
 
-from dtrain.checkpoint.layout import (BEST, LATEST, MANIFEST, TRAINER_STATE, current_lineage, parse_step,
-                                      step_dir_name, verify_checkpoint)
-from dtrain.checkpoint.object_store import is_uri, local_path
-from dtrain.checkpoint.resolve import find_latest
+from dtrain.checkpoint.layout import BEST, LATEST, MANIFEST, TRAINER_STATE, parse_step, step_dir_name
+from dtrain.checkpoint.location import (is_uri, local_path, split_checkpoint_uri, storage_and_name,
+                                        storage_of_run)
+from dtrain.checkpoint.records import current_lineage
+from dtrain.checkpoint.resolve import select_checkpoint
 from dtrain.checkpoint.retention import RetentionPolicy, checkpoints_to_delete
-from dtrain.checkpoint.storage import (CheckpointLocation, CheckpointStorage, LocalDirectory, open_storage,
-                                       split_checkpoint_uri)
+from dtrain.checkpoint.storage import CheckpointLocation, CheckpointStorage
 from dtrain.errors import UsageError
+from dtrain.utils import human_size
 from dtrain.training.metrics import read_records
-
-
-def checkpoints_dir_of(path: str | Path) -> CheckpointStorage:
-    """Accepts a run's output dir, its checkpoints/ dir, or the object store URI its checkpoints went to."""
-    if is_uri(path):
-        return open_storage(str(path))
-    p = local_path(path)
-    if (p / "checkpoints").is_dir():
-        return LocalDirectory(p / "checkpoints")
-    if p.is_dir():
-        return LocalDirectory(p)
-    raise UsageError(f"{path} is not a run directory (no checkpoints/ inside)")
-
-
-def _storage_and_name(location: CheckpointLocation) -> tuple[CheckpointStorage, str]:
-    if isinstance(location, str) and is_uri(location):
-        return split_checkpoint_uri(location)
-    path = local_path(location)
-    return LocalDirectory(path.parent), path.name
-
-
-def _is_one_checkpoint(path: str | Path) -> bool:
-    if is_uri(path):
-        return parse_step(str(path).rstrip("/").rpartition("/")[2]) is not None
-    p = local_path(path)
-    return (p / TRAINER_STATE).exists() or parse_step(p.name) is not None
-
-
-def select_checkpoint(path: str | Path, which: str | None = None, verify: bool = True,
-                      prefer: str = "best") -> CheckpointLocation:
-    """A checkpoint as given, or the `best`/`latest` one of a run (`which=None`: `prefer`; the latest when the
-    run has no best): a directory, or the URI of an object-store checkpoint (see `local_copy`).
-
-    With `verify`, a checkpoint that is not complete (sizes and sha256) is refused with the reason."""
-    if _is_one_checkpoint(path):
-        if which is not None:
-            raise UsageError(f"--which {which} picks a checkpoint of a run; {path} already is one (drop --which)")
-        storage, name = _storage_and_name(str(path).rstrip("/") if is_uri(path) else local_path(path))
-    else:
-        storage = checkpoints_dir_of(path)
-        best = storage.read_pointer(BEST)
-        if which == "best" and best is None:
-            raise UsageError(f"invalid value for --which: 'best': {storage.url()} has no best checkpoint "
-                             f"(no eval measured the monitor); accepted here: latest")
-        if best is not None and (which or prefer) == "best":
-            name = best
-        else:
-            latest = find_latest(storage).path
-            if latest is None:
-                raise UsageError(f"{storage.url()} holds no complete checkpoint")
-            name = _storage_and_name(latest)[1]
-    chosen = storage.location(name)
-    if not storage.is_remote and not chosen.is_dir():
-        raise UsageError(f"{chosen} does not exist")
-    if verify:
-        check = storage.verify(name, checksums=True)
-        if not check.ok:
-            raise UsageError(f"{chosen} is not a complete checkpoint ({check.reason})")
-    return chosen
 
 
 @contextlib.contextmanager
@@ -103,7 +45,7 @@ def local_copy(location: CheckpointLocation, files: tuple[str, ...] = ("model.sa
 # ------------------------------------------------------------------------------------------- list, verify
 
 def ckpt_list(args) -> None:
-    storage = checkpoints_dir_of(args.output_dir)
+    storage = storage_of_run(args.output_dir)
     latest, best = storage.read_pointer(LATEST), storage.read_pointer(BEST)
     _, others = current_lineage(storage)
     other_steps = {r.step for r in others}
@@ -138,10 +80,8 @@ def ckpt_list(args) -> None:
 
 
 def ckpt_verify(args) -> int:
-    if is_uri(args.path):
-        check = _storage_and_name(args.path.rstrip("/"))[0].verify(args.path.rstrip("/").rpartition("/")[2], True)
-    else:
-        check = verify_checkpoint(Path(args.path), checksums=True)
+    storage, name = storage_and_name(args.path.rstrip("/") if is_uri(args.path) else local_path(args.path))
+    check = storage.verify(name, checksums=True)
     if check.ok:
         print(f"{args.path}: complete ({human_size(check.bytes)}, every sha256 matches)")
         return 0
@@ -153,7 +93,7 @@ def ckpt_verify(args) -> int:
 
 def describe_checkpoint(path: CheckpointLocation, checksums: bool = False) -> dict[str, Any]:
     """Everything `ckpt show` reports about one checkpoint (a directory or an object-store URI), as plain data."""
-    storage, name = _storage_and_name(path)
+    storage, name = storage_and_name(path)
     check = storage.verify(name, checksums=checksums)
     state = _trainer_state_or_empty(storage, name)
     step = state.get("global_step", parse_step(name))
@@ -232,7 +172,7 @@ def ckpt_show(args) -> None:
 def plan_prune(storage: CheckpointStorage | Path, policy: RetentionPolicy, monitor: str) -> tuple[list[int], set[int]]:
     """Steps to delete (oldest first) and the protected steps: the pure policy training uses, applied as training
     applies it to the lineage of `latest`, plus every checkpoint of another lineage."""
-    storage = storage if hasattr(storage, "step_names") else checkpoints_dir_of(storage)
+    storage = storage if hasattr(storage, "step_names") else storage_of_run(storage)
     lineage, others = current_lineage(storage, monitor)
     protected = {parse_step(name) for name in (storage.read_pointer(LATEST), storage.read_pointer(BEST))
                  if name is not None}
@@ -241,7 +181,7 @@ def plan_prune(storage: CheckpointStorage | Path, policy: RetentionPolicy, monit
 
 
 def ckpt_prune(args) -> None:
-    storage = checkpoints_dir_of(args.output_dir)
+    storage = storage_of_run(args.output_dir)
     monitor, mode = _run_monitor(storage)
     monitor, mode = args.monitor or monitor, args.mode or mode
     policy = RetentionPolicy(args.keep_last or 0, args.keep_best or 0, args.keep_every_steps or 0, mode)
@@ -298,11 +238,3 @@ def _or_unknown(value: Any) -> Any:
 
 def _fmt(value: Any) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)

@@ -6,10 +6,10 @@ import argparse
 import logging
 import os
 import sys
-import time
 import traceback
 from typing import Any, Callable
 
+from dtrain import faults
 from dtrain.errors import CheckpointError, Interrupted, UsageError
 
 
@@ -94,7 +94,7 @@ def _close_process_group(every_rank_here: bool) -> bool:
         # with another collective, so skip it and leave without a teardown that might wait for that peer.
         if not every_rank_here:
             return False
-        _fault_before_exit_barrier()
+        faults.reached("exit_barrier", dist.get_rank())  # tests: a peer that hangs or whose node vanished
         # Nobody tears the group down while a peer may still be talking to it (a gloo rank whose peer closed
         # its sockets first was seen to abort at exit); a peer that does not come within the bound is gone.
         if not bounded_barrier(exit_barrier_seconds()):
@@ -103,15 +103,6 @@ def _close_process_group(every_rank_here: bool) -> bool:
             return False
     dist.destroy_process_group()
     return True
-
-
-def _fault_before_exit_barrier() -> None:
-    """Fault injection for tests: DTRAIN_FAULT_AT=exit_barrier:sleep=S holds this rank (only rank
-    DTRAIN_FAULT_RANK, if set) S seconds before the exit barrier, like a peer that hangs or whose node vanished."""
-    fault = os.environ.get("DTRAIN_FAULT_AT", "")
-    rank = os.environ.get("DTRAIN_FAULT_RANK")
-    if fault.startswith("exit_barrier:sleep=") and rank in (None, os.environ.get("RANK", "0")):
-        time.sleep(float(fault.split("=", 1)[1]))
 
 
 def _leave_now(code: int) -> None:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from dtrain.checkpoint.layout import read_trainer_state
-from dtrain.commands.ckpt import local_copy, select_checkpoint
+from dtrain.checkpoint.resolve import select_checkpoint
+from dtrain.commands.ckpt import local_copy
 from dtrain.errors import UsageError
 
 

@@ -16,17 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from dtrain.checkpoint.layout import read_trainer_state
-from dtrain.commands.ckpt import human_size, local_copy, select_checkpoint
+from dtrain.checkpoint.resolve import select_checkpoint
+from dtrain.commands.ckpt import local_copy
 from dtrain.errors import UsageError
+from dtrain.weights import EXPORT_DTYPES, torch_dtype
+from dtrain.utils import human_size
 
 EXPORT_FORMAT = "dtrain-export/1"
-DTYPES = ("fp32", "bf16", "fp16")
-
-
-def _torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "fp32", source: str | None = None) -> dict[str, Any]:
@@ -34,8 +30,8 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "fp32", source: 
     `source`: what the metadata names as the origin (default: the checkpoint dir; a URI for a downloaded one)."""
     from safetensors.torch import load_file, save_file
 
-    if dtype not in DTYPES:
-        raise UsageError(f"invalid value for --dtype: {dtype!r}; accepted: {', '.join(DTYPES)}")
+    if dtype not in EXPORT_DTYPES:
+        raise UsageError(f"invalid value for --dtype: {dtype!r}; accepted: {', '.join(EXPORT_DTYPES)}")
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
         raise UsageError(f"{checkpoint} has no model.safetensors (a sharded FSDP checkpoint cannot be exported "
@@ -43,7 +39,7 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "fp32", source: 
     if out.is_dir():
         raise UsageError(f"invalid value for --out: {out} is a directory; accepted: a file path such as model.safetensors")
     state = read_trainer_state(checkpoint)
-    target = _torch_dtype(dtype)
+    target = torch_dtype(dtype)
     tensors = {name: t.to(target) if t.is_floating_point() else t for name, t in load_file(str(weights)).items()}
     metadata = {
         "format": EXPORT_FORMAT, "task": str(state.get("task")), "step": str(state.get("global_step")),

@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dtrain.checkpoint.layout import BEST, parse_step, read_pointer, read_trainer_state
+from dtrain.checkpoint.location import run_checkpoints
+from dtrain.checkpoint.resolve import best_checkpoint_metric
 from dtrain.errors import UsageError
 from dtrain.training.metrics import read_records
 
@@ -34,21 +35,6 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in points], [float(p[1]) for p in points]
 
 
-def _best(output_dir: Path) -> tuple[int, str, float] | None:
-    """(step, metric, value) of the run's best checkpoint, if it has one."""
-    checkpoints_dir = output_dir / "checkpoints"
-    name = read_pointer(checkpoints_dir, BEST)
-    if name is None:
-        return None
-    try:
-        metric = read_trainer_state(checkpoints_dir / name).get("checkpoint_metric") or {}
-    except (OSError, ValueError):
-        return None
-    if not isinstance(metric.get("value"), (int, float)):
-        return None
-    return parse_step(name), metric.get("name"), float(metric["value"])
-
-
 def plot_run(output_dir: str | Path, out: str | Path | None = None) -> Path:
     output_dir = Path(output_dir)
     records = read_records(output_dir / "metrics.jsonl")
@@ -70,9 +56,9 @@ def plot_run(output_dir: str | Path, out: str | Path | None = None) -> Path:
     for key in eval_keys:
         ax.plot(*_series(evals, key), "o-", label=f"eval {key}", markersize=3, linewidth=1.2)
     _mark_events(ax, events)
-    best = _best(output_dir)
-    if best is not None:
-        step, metric, value = best
+    best = best_checkpoint_metric(run_checkpoints(output_dir))
+    if best is not None and isinstance(best["value"], (int, float)):
+        step, metric, value = best["step"], best["metric"], float(best["value"])
         ax.plot([step], [value], marker="*", markersize=18, color="gold", markeredgecolor="black", zorder=5,
                 linestyle="none", label=f"best checkpoint ({metric} {value:.4g} @ {step})")
     if all(v > 0 for key in train_keys for v in _series(train, key)[1]) and train_keys:

@@ -85,6 +85,7 @@ def _equal(x: Any, y: Any) -> bool:
 
 
 def verify(args) -> bool:
+    from dtrain.checkpoint.location import run_checkpoints
     from dtrain.checkpoint.resolve import find_latest
     from dtrain.commands.common import is_rank_zero
 
@@ -101,7 +102,7 @@ def verify(args) -> bool:
     run_variant(config, root / "straight", "none", None)
     run_variant(config, root / "resumed", "none", stop_at)
     run_variant(config, root / "resumed", "latest", None)
-    ends = [find_latest(root / name / "checkpoints").path for name in ("straight", "resumed")]
+    ends = [find_latest(run_checkpoints(root / name)).path for name in ("straight", "resumed")]
     rows = compare_checkpoints(*ends)
     identical = all(ok for _, ok, _ in rows)
     if is_rank_zero():

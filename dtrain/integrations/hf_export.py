@@ -17,7 +17,8 @@ from typing import Any
 
 from dtrain.checkpoint.layout import read_trainer_state
 from dtrain.errors import UsageError
-from dtrain.utils import fsync_path, remove_tree
+from dtrain.utils import fsync_path, human_size, remove_tree
+from dtrain.weights import EXPORT_DTYPES, torch_dtype
 
 MARKER = "dtrain_export.json"
 EXPORT_FORMAT = "dtrain-hf-export/1"
@@ -38,10 +39,8 @@ def _model_of_checkpoint(checkpoint: Path, state: dict[str, Any]):
 
 
 def export_hf(checkpoint: Path, out: Path, dtype: str = "fp32") -> dict[str, Any]:
-    from dtrain.commands.export import DTYPES, _torch_dtype
-
-    if dtype not in DTYPES:
-        raise UsageError(f"invalid value for --dtype: {dtype!r}; accepted: {', '.join(DTYPES)}")
+    if dtype not in EXPORT_DTYPES:
+        raise UsageError(f"invalid value for --dtype: {dtype!r}; accepted: {', '.join(EXPORT_DTYPES)}")
     state = read_trainer_state(checkpoint)
     if state.get("task") != "causal-lm":
         raise UsageError(f"--format hf: {checkpoint} was written by task {state.get('task')!r}; accepted: a "
@@ -52,7 +51,7 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "fp32") -> dict[str, Any
         raise UsageError(f"invalid value for --out: {out} exists and is not an earlier dtrain export; accepted: a "
                          f"new directory path")
     model, tokenizer = _model_of_checkpoint(checkpoint, state)
-    model.to(_torch_dtype(dtype))
+    model.to(torch_dtype(dtype))
     info = {"format": EXPORT_FORMAT, "task": "causal-lm", "step": state.get("global_step"),
             "epoch": state.get("epoch"), "dtype": dtype, "source": str(checkpoint.resolve()),
             "checkpoint_metric": state.get("checkpoint_metric")}
@@ -79,8 +78,6 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "fp32") -> dict[str, Any
 
 
 def export_hf_command(checkpoint: Path, out: Path, dtype: str) -> None:
-    from dtrain.commands.ckpt import human_size
-
     info = export_hf(checkpoint, out, dtype)
     print(f"exported {checkpoint} (step {info['step']}, causal-lm) to {info['path']} as a Hugging Face model "
           f"({dtype}, {human_size(info['bytes'])}): load it with AutoModelForCausalLM.from_pretrained and "

@@ -13,10 +13,11 @@ import shlex
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-from dtrain.checkpoint.layout import BEST, read_pointer, verify_checkpoint
-from dtrain.checkpoint.resolve import find_latest
+from dtrain.checkpoint.location import run_checkpoints
+from dtrain.checkpoint.resolve import select_checkpoint
 from dtrain.config import Config
 from dtrain.errors import Interrupted, UsageError
 from dtrain.pipeline.spec import Pipeline, Stage
@@ -134,24 +135,15 @@ def prepare_stage(pipeline: Pipeline, stage: Stage, planned: PlannedStage) -> Co
 
 
 def resolve_init_from(pipeline: Pipeline, stage: Stage) -> str | None:
+    """The checkpoint `init_from: STAGE:best|latest` names (verified), as an absolute path."""
     ref = stage.init_ref
     if ref is None:
         return None
-    checkpoints_dir = pipeline.stage(ref.stage).output_dir / "checkpoints"
-    if ref.which == "best":
-        name = read_pointer(checkpoints_dir, BEST)
-        if name is None:
-            raise UsageError(f"stage {stage.name}: init_from {ref}: {ref.stage} has no best checkpoint (no eval "
-                             f"measured its monitor); use {ref.stage}:latest")
-        path = checkpoints_dir / name
-        check = verify_checkpoint(path)
-        if not check.ok:
-            raise UsageError(f"stage {stage.name}: init_from {ref}: {path} is damaged ({check.reason})")
-    else:
-        path = find_latest(checkpoints_dir).path
-        if path is None:
-            raise UsageError(f"stage {stage.name}: init_from {ref}: {ref.stage} has no complete checkpoint")
-    return str(path.resolve())
+    try:
+        path = select_checkpoint(run_checkpoints(pipeline.stage(ref.stage).output_dir), ref.which)
+    except UsageError as exc:
+        raise UsageError(f"stage {stage.name}: init_from {ref}: {exc}") from None
+    return str(Path(path).resolve())
 
 
 # ------------------------------------------------------------------------------------------- the run

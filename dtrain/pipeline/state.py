@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dtrain.checkpoint.layout import BEST, read_pointer, read_trainer_state, step_dirs
-from dtrain.checkpoint.resolve import find_latest
+from dtrain.checkpoint.layout import read_trainer_state, step_dirs
+from dtrain.checkpoint.location import run_checkpoints
+from dtrain.checkpoint.resolve import best_checkpoint_metric, find_latest
 from dtrain.pipeline.spec import Pipeline, Stage
 from dtrain.utils import atomic_write_text
 
@@ -80,22 +81,9 @@ def is_final(trainer_state: dict[str, Any]) -> bool:
                 or (epochs and int(trainer_state.get("epoch", 0)) >= epochs))
 
 
-def best_of(checkpoints_dir: Path) -> dict[str, Any] | None:
-    name = read_pointer(checkpoints_dir, BEST)
-    if name is None:
-        return None
-    try:
-        state = read_trainer_state(checkpoints_dir / name)
-    except (OSError, ValueError):
-        return None
-    metric = state.get("checkpoint_metric") or {}
-    return {"metric": metric.get("name"), "value": metric.get("value"), "step": state.get("global_step"),
-            "checkpoint": str(checkpoints_dir / name)}
-
-
 def inspect_stage(stage: Stage, upstream: dict[str, StageStatus], checksums: bool = False) -> StageStatus:
     """The state of one stage from its folder, given the states of the stages before it."""
-    checkpoints_dir = stage.output_dir / "checkpoints"
+    checkpoints_dir = run_checkpoints(stage.output_dir)
     provenance = read_provenance(stage) or {}
     status = StageStatus(stage.name, "pending", run_id=provenance.get("run_id"))
     found = find_latest(checkpoints_dir, checksums)
@@ -109,7 +97,7 @@ def inspect_stage(stage: Stage, upstream: dict[str, StageStatus], checksums: boo
         status.reason = f"{found.path.name}: unreadable trainer state ({exc})"
         return status
     status.step, status.checkpoint = int(trainer_state.get("global_step", 0)), str(found.path)
-    status.best = best_of(checkpoints_dir)
+    status.best = best_checkpoint_metric(checkpoints_dir)
     stale = _stale_reason(stage, provenance, upstream)
     if stale:
         status.state, status.reason = "stale", stale
@@ -201,7 +189,7 @@ def stage_has_outputs(stage: Stage) -> bool:
 
 
 def count_checkpoints(stage: Stage) -> int:
-    return len(step_dirs(stage.output_dir / "checkpoints"))
+    return len(step_dirs(run_checkpoints(stage.output_dir)))
 
 
 def _now() -> str:

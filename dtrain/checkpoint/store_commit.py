@@ -1,0 +1,166 @@
+"""Committing a checkpoint in an object store, where nothing can be renamed and no rank sees another's disk.
+
+  1. every rank creates a fresh local staging dir of its own (OUTPUT_DIR/.staging/step_N.rank_R); rank 0 deletes
+     whatever an earlier attempt at step N left in the store
+  2. every rank writes its files there (the manager's job)
+  3. every rank uploads the files it wrote under `step_N/` (a file several ranks wrote, by the lowest of them),
+     hashing them as they go. Rank 0 gathers every rank's names, sizes and sha256, checks the sizes in the store
+     and writes `manifest.json` LAST, create-only: that single write is the commit. Then the `latest`/`best`
+     pointer objects (hints).
+Retention deletes a checkpoint's manifest first, then its other objects (object_store.py). Resume downloads a
+checkpoint to each node's local staging dir, sha256 checked (`download_for_node`).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+
+from dtrain.checkpoint.commit import Phases
+from dtrain.checkpoint.layout import TRAINER_STATE, step_dir_name
+from dtrain.checkpoint.location import split_checkpoint_uri
+from dtrain.checkpoint.storage import RemoteStore
+from dtrain.distributed import all_ranks_ok, gather_objects, run_and_agree
+from dtrain.errors import UsageError
+
+logger = get_logger(__name__)
+
+STAGING_DIR = ".staging"  # under the output dir: local copies of object-store checkpoints being saved or loaded
+# The points of an object-store save, in order (fault injection: dtrain/faults.py): after a rank's first uploaded
+# file, after all of them, after the manifest (the commit).
+STAGES = ("temp_created", "state_written", "upload_started", "uploaded", "manifest_written", "pointers_written",
+          "retention_done")
+
+
+class StoreCommit:
+    """The manifest-last commit into an object store (see the module docstring)."""
+
+    stages = STAGES
+
+    def __init__(self, storage: RemoteStore, accelerator: Accelerator, staging: Path,
+                 reached: Callable[[str], None]):
+        self.storage = storage
+        self.accelerator = accelerator
+        self.staging = staging
+        self._reached = reached
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # ----------------------------------------------------------------------------------------- saving
+
+    def staging_dir(self, step: int) -> Path:
+        """A local dir per rank, so each rank knows which files it wrote and no rank needs another's disk."""
+        return self.staging / f"{step_dir_name(step)}.rank{self.accelerator.process_index}"
+
+    def prepare(self, temp: Path) -> None:
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+        if self.is_main:  # an earlier attempt at this step (uncommitted, or committed and now re-saved)
+            self.storage.delete(temp.name.split(".")[0])
+
+    def commit(self, step: int, temp: Path, written: Mapping[str, Any], phases: Phases,
+               write_pointers: Callable[[], None]) -> int:
+        name = step_dir_name(step)
+        group = phases.group
+        # A file that several ranks wrote (scaler.pt) is uploaded once, by the lowest of them.
+        files = sorted(str(p.relative_to(temp)) for p in temp.rglob("*") if p.is_file())
+        owners: dict[str, int] = {}
+        for rank, names in enumerate(gather_objects(files, group)):
+            for file in names:
+                owners.setdefault(file, rank)
+        mine = [f for f in files if owners[f] == self.accelerator.process_index]
+        uploaded: dict[str, dict] = {}
+        phases(lambda: uploaded.update(self._upload(temp, name, mine)))
+        everything: dict[str, dict] = {}
+        for part in gather_objects(uploaded, group):
+            everything.update(part)
+        outcome: dict[str, int] = {}
+
+        def write_manifest() -> None:
+            if TRAINER_STATE not in everything:
+                raise OSError(f"{TRAINER_STATE} was not uploaded")
+            self.storage.check_uploaded(name, everything)
+            outcome["bytes"] = self.storage.commit(name, step, everything)  # the manifest: the commit
+            self._reached("manifest_written")
+            write_pointers()
+
+        phases(write_manifest, self.is_main)
+        return outcome.get("bytes", 0)
+
+    def _upload(self, temp: Path, name: str, files: list[str]) -> dict[str, dict]:
+        started = threading.Event()
+
+        def file_done(_name: str) -> None:
+            if not started.is_set():
+                started.set()
+                self._reached("upload_started")
+
+        uploaded = self.storage.upload(temp, name, files, progress=self.is_main, on_file_done=file_done)
+        self._reached("uploaded")
+        return uploaded
+
+    def discard(self, temp: Path) -> None:
+        shutil.rmtree(temp, ignore_errors=True)  # every rank has a staging dir of its own
+
+    def finished(self, temp: Path) -> None:
+        shutil.rmtree(temp, ignore_errors=True)  # committed in the store: the local copy has done its job
+
+    def disk(self) -> Path:
+        return self.staging
+
+    # ----------------------------------------------------------------------------------------- start-up
+
+    def clean_stale(self) -> None:
+        """Removes each node's local staging copies and the prefixes without a manifest (uploads a crash cut
+        short). A failure only warns: leftovers are never checkpoints."""
+        all_ranks_ok(True, self.accelerator.device)  # every rank has loaded what it resumed from out of staging
+        if self.accelerator.is_local_main_process and self.staging.is_dir():
+            for path in self.staging.iterdir():  # other nodes sharing this dir may be removing them too
+                shutil.rmtree(path, ignore_errors=True)
+
+        def remove_unfinished_uploads() -> None:
+            for name in self.storage.step_names():
+                if not self.storage.has_manifest(name):
+                    self.storage.delete_objects(name)
+
+        _, error = run_and_agree(remove_unfinished_uploads, self.is_main, self.accelerator.device)
+        if error is not None:
+            logger.warning(f"could not remove unfinished uploads in {self.storage.url()} ({type(error).__name__}: "
+                           f"{error}); they are never used as checkpoints")
+
+    def restore_replaced(self) -> None:
+        pass  # a re-save deletes the old checkpoint first: nothing is ever moved aside
+
+
+def download_for_node(uri: str, accelerator: Accelerator, staging: Path) -> Path:
+    """An object-store checkpoint as a local directory every rank can load from (call on every rank): each node's
+    first process downloads the files its ranks need into its staging dir, every file's sha256 checked against
+    the manifest. Raises UsageError on every rank when any download failed."""
+    store, name = split_checkpoint_uri(uri)
+    acc = accelerator
+    node = acc.process_index - acc.local_process_index  # the first rank of this node names its copy
+    node_ranks = {rank for first, rank in gather_objects((node, acc.process_index)) if first == node}
+    dest = staging / f"restore.node{node}" / name
+
+    def wanted(file: str) -> bool:
+        match = re.fullmatch(r"random_states_(\d+)\.pkl", file)
+        return match is None or int(match.group(1)) in node_ranks
+
+    def download() -> None:
+        shutil.rmtree(dest, ignore_errors=True)
+        store.download(name, dest, wanted, progress=True)
+
+    ok, error = run_and_agree(download, acc.is_local_main_process, acc.device)
+    if not ok:
+        reason = f"{type(error).__name__}: {error}" if error else "the download failed on another node"
+        raise UsageError(f"--resume: cannot download {uri} ({reason}); resume from an older checkpoint "
+                         f"with --resume PATH")
+    return dest
