@@ -23,6 +23,25 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_threads_flag(parser: argparse.ArgumentParser, sides: str = "both sides") -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help=f"torch CPU threads for {sides} (default 1: robust when other processes share the "
+                             f"cores; 0 = torch's default)")
+
+
+def chosen_spec(args: argparse.Namespace, quick: dict[str, Any], full: dict[str, Any]) -> dict[str, Any]:
+    """The sizes a run uses: `quick` with --quick, else `full`; --repeats (when given) overrides theirs. Sets up
+    the device and threads the flags ask for, when the parser has those flags."""
+    if getattr(args, "device", None):
+        check_device(args.device)
+    if getattr(args, "threads", None) is not None:
+        set_threads(args.threads)
+    spec = dict(quick if args.quick else full)
+    if getattr(args, "repeats", None):
+        spec["repeats"] = args.repeats
+    return spec
+
+
 def median(values: Iterable[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None

@@ -329,15 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = _util.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=None,
                         help="where to write (default: a temporary directory; it should be on the disk to measure)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: robust when other processes share the cores; 0 = "
-                             "torch's default)")
+    _util.add_threads_flag(parser)
     args = parser.parse_args(argv)
-    _util.check_device(args.device)
-    _util.set_threads(args.threads)
-    spec = dict(QUICK if args.quick else FULL)
-    if args.repeats:
-        spec["repeats"] = args.repeats
+    spec = _util.chosen_spec(args, QUICK, FULL)
     root = Path(tempfile.mkdtemp(prefix="dtrain-bench-ckpt-", dir=args.workdir))
     started = time.perf_counter()
     try:

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
         plain_worker(Path(args.dir), args.width, args.layers, args.save_every or 0, args.clean_seconds)
         sys.exit(0)
 
-    spec = dict(QUICK if args.quick else FULL)
+    spec = _util.chosen_spec(args, QUICK, FULL)
     if args.duration:
         spec["duration"] = args.duration
     started = time.perf_counter()

@@ -98,8 +98,8 @@ def run_dtrain(spec: dict, device: str, workdir: Path) -> dict:
     stamps: list[float] = []
     original = trainer._after_optimizer_step
 
-    def timed(progress):
-        original(progress)
+    def timed(epoch_done):
+        original(epoch_done)
         _stamp(stamps, spec, device)
 
     trainer._after_optimizer_step = timed
@@ -204,8 +204,8 @@ def run_interleaved(spec: dict, device: str, workdir: Path) -> dict:
     mark: list[float] = []
     original = trainer._after_optimizer_step
 
-    def take_turns(progress):
-        original(progress)
+    def take_turns(epoch_done):
+        original(epoch_done)
         step = trainer.state.global_step
         if step < warmup or (step - warmup) % chunk:
             return
@@ -234,15 +234,9 @@ def run_interleaved(spec: dict, device: str, workdir: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = _util.base_parser(__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads for both sides (default 1: robust when other processes share "
-                             "the cores; 0 = torch's default)")
+    _util.add_threads_flag(parser)
     args = parser.parse_args(argv)
-    _util.check_device(args.device)
-    _util.set_threads(args.threads)
-    spec = dict(QUICK if args.quick else FULL)
-    if args.repeats:
-        spec["repeats"] = args.repeats
+    spec = _util.chosen_spec(args, QUICK, FULL)
     workdir = Path(tempfile.mkdtemp(prefix="dtrain-bench-loop-"))
     started = time.perf_counter()
     try:

@@ -146,7 +146,7 @@ def stream_rows(spec: dict) -> tuple[list, dict]:
                        "ranks": [{"micro_batches": deep_batches, "state": None}]}
     replay = stream_first_batch(spec, replay_position, deep_batches * batch)  # once: it is the slow way
     # The state a checkpoint after that batch stores, and the batch a resume from it must return.
-    state_position = replay["source"].checkpoint_position()
+    state_position = replay["source"].state_dict()
     expected = next(replay["iterator"])["id"][0].item()
     stream_first_batch(spec, None, 0)  # untimed: first-call costs
     runs = _util.alternate([("start", lambda: stream_first_batch(spec, None, 0)),
@@ -170,9 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-naive", action="store_true", help="leave out the (slow) naive-skipping contrast")
     parser.add_argument("--no-stream", action="store_true", help="leave out the Hugging Face stream rows")
     args = parser.parse_args(argv)
-    spec = dict(QUICK if args.quick else FULL)
-    if args.repeats:
-        spec["repeats"] = args.repeats
+    spec = _util.chosen_spec(args, QUICK, FULL)
     started = time.perf_counter()
     _, sampler, _ = build(spec)
     deep = deep_position(spec, sampler)

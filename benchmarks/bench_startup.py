@@ -67,9 +67,7 @@ def time_to_first_step(spec: dict, output_dir: Path, *extra: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = _util.base_parser(__doc__.splitlines()[0])
     args = parser.parse_args(argv)
-    spec = dict(QUICK if args.quick else FULL)
-    if args.repeats:
-        spec["repeats"] = args.repeats
+    spec = _util.chosen_spec(args, QUICK, FULL)
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="dtrain-bench-startup-"))
     try:

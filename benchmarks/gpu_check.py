@@ -57,7 +57,7 @@ def resume_exact(precision: str, root: Path) -> dict:
     from accelerate.utils import load as safe_load
 
     out = root / f"verify-{precision}"
-    proc = run([sys.executable, "-m", "dtrain.commands.cli", "verify-resume", *REGRESSION, "--device", "cuda",
+    proc = run([sys.executable, "-m", "dtrain.cli", "verify-resume", *REGRESSION, "--device", "cuda",
                 "--mixed-precision", precision, "--verify-steps", "30", "--output-dir", str(out)])
     ends = [out / "verify-resume" / name / "checkpoints" for name in ("straight", "resumed")]
     scaler_same = None
@@ -134,7 +134,7 @@ def pinned_snapshot() -> dict:
             manager.save(step, {"global_step": step})
             held.append(time.perf_counter() - started)
             manager.wait()
-        buffers = list(manager._copier._buffers.values())  # noqa: SLF001 - what this check is about
+        buffers = list(manager._copier._storages.values())  # noqa: SLF001 - what this check is about
         pinned = bool(buffers) and all(b.is_pinned() for b in buffers)
     finally:
         shutil.rmtree(root, ignore_errors=True)

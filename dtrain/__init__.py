@@ -5,14 +5,11 @@
 Names are imported lazily, so `import dtrain.checkpoint.retention` (pure logic) does not pull in torch.
 """
 
-import os
-
 __version__ = "0.1.0"
 
-# Read before anything heavy is imported: a launcher that dies while torch is still loading must be noticed too.
-PARENT_PID_AT_START = os.getppid()
-
-from dtrain.utils import lazy_exports  # noqa: E402
+# utils records the parent pid first thing, before anything heavy is imported: a launcher that dies while torch
+# is still loading must be noticed too.
+from dtrain.utils import PARENT_PID_AT_START, lazy_exports  # noqa: E402,F401
 
 _EXPORTS = {
     "Config": "dtrain.config",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -17,22 +17,67 @@ from accelerate.logging import get_logger
 from accelerate.utils import load as safe_load
 from accelerate.utils import set_seed
 
+from dtrain.compat import torch_accelerator_backend
+
 logger = get_logger(__name__)
+
+
+class ProcessRNG:
+    """Every global generator of this process (Python, NumPy, torch CPU and the accelerator's), as one state.
+
+    `state_dict()` holds the keys and values `Accelerator.save_state` writes to `random_states_{rank}.pkl`, the
+    device generator under Accelerate's name for it (`torch_{device}_manual_seed`: cuda, xpu, mps, npu, ...), so
+    dtrain's writer and `save_state` produce the same file, and `load_state_dict` restores either.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        states = {"random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+                  "torch_manual_seed": torch.get_rng_state()}
+        key, module, device_type = _device_generator()
+        if key is not None:
+            if module is torch.accelerator:
+                random_api = getattr(torch.accelerator, "random", None)
+                states[key] = (random_api.get_rng_state() if random_api is not None
+                               else torch.get_device_module(device_type).get_rng_state())
+            elif device_type == "mps":
+                states[key] = module.get_rng_state()
+            else:
+                states[key] = module.get_rng_state_all()
+        return states
+
+    def load_state_dict(self, states: dict[str, Any], rank: int = 0) -> None:
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        key, module, device_type = _device_generator()
+        if key is None or key not in states:
+            return
+        saved = states[key]
+        if module is torch.accelerator or device_type == "mps":
+            torch.get_device_module(device_type).set_rng_state(saved)
+        elif len(saved) == module.device_count():
+            module.set_rng_state_all(saved)
+        else:  # written on a machine with another number of devices: this rank's own device generator
+            module.set_rng_state(saved[min(rank, len(saved) - 1)])
+
+
+def _device_generator() -> tuple[str | None, Any, str | None]:
+    """(Accelerate's key for the device generator, the module that holds it, the device type); Nones on a CPU."""
+    device_type, module = torch_accelerator_backend()
+    if device_type is None:
+        return None, None, None
+    return f"torch_{device_type}_manual_seed", module, device_type
 
 
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
     """Runs a block (evaluation, sampling) and then puts every global RNG back as it was."""
-    python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    generators = ProcessRNG()
+    saved = generators.state_dict()
     try:
         yield
     finally:
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
-        torch.set_rng_state(torch_state)
-        if cuda_states is not None:
-            torch.cuda.set_rng_state_all(cuda_states)
+        generators.load_state_dict(saved)
 
 
 def rank_seed(base_seed: int, rank: int) -> int:
@@ -49,16 +94,7 @@ def restore(path, rank: int, fallback_seed: int) -> bool:
         set_seed(seed)
         return False
     try:
-        states = safe_load(file)
-        random.setstate(states["random_state"])
-        np.random.set_state(states["numpy_random_seed"])
-        torch.set_rng_state(states["torch_manual_seed"])
-        if torch.cuda.is_available() and "torch_cuda_manual_seed" in states:
-            saved = states["torch_cuda_manual_seed"]
-            if len(saved) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(saved)
-            else:
-                torch.cuda.set_rng_state(saved[min(rank, len(saved) - 1)])
+        ProcessRNG().load_state_dict(safe_load(file), rank)
     except Exception as exc:  # noqa: BLE001 - any failure here must be loud, never silent
         seed = rank_seed(fallback_seed, rank)
         logger.warning(f"could not restore the RNG state of rank {rank} from {file} ({type(exc).__name__}: {exc}); "

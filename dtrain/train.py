@@ -19,7 +19,7 @@ if __package__ in (None, ""):
 
 from dtrain.commands.train import build_parser, main  # noqa: E402
 
-__all__ = ["build_parser", "main", "train"]
+__all__ = ["build_parser", "main"]  # and `train`, loaded on first use (below)
 
 
 def __getattr__(name: str):

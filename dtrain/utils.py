@@ -9,6 +9,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+# The launcher's pid, read when dtrain is first imported (dtrain/__init__ imports this module before anything
+# heavy): the parent watch (training/interrupt.py) notices a launcher that died while torch was still loading.
+PARENT_PID_AT_START = os.getppid()
+
 
 def fsync_path(path: Path) -> None:
     """Flushes a file or directory to disk, so a rename that follows is durable."""

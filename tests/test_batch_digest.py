@@ -55,7 +55,7 @@ def test_stream_digest_follows_the_stream_state_and_survives_a_resume():
         next(iterator)
     saved_digest = source.next_batch_digest()
     assert source.next_batch_digest() == saved_digest
-    position = source.checkpoint_position()
+    position = source.state_dict()
     expected_next = next(iterator)["x"].tolist()
     assert source.next_batch_digest() != saved_digest
 
@@ -77,7 +77,7 @@ def test_stream_digest_reads_the_same_after_a_resume_by_replay():
     source.seek(0)
     iterator = iter(source)
     next(iterator), next(iterator)
-    saved_digest, position = source.next_batch_digest(), source.checkpoint_position()
+    saved_digest, position = source.next_batch_digest(), source.state_dict()
     expected_next = next(iterator)
 
     resumed = StatefulSource(PlainStream(seed=1), batch_size=4, rank=0, world_size=1, seed=3, grad_accum=1,

@@ -33,7 +33,7 @@ def write_pipeline(directory: Path, stages: dict, name: str = "pipeline.yaml") -
 
 
 def dtrain_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dtrain.commands.cli", *args]
+    return [sys.executable, "-m", "dtrain.cli", *args]
 
 
 def status_of(runner, cwd: Path, pipeline: Path) -> dict[str, dict]:
@@ -169,7 +169,7 @@ def test_pipeline_under_accelerate_launch_with_two_processes(runner, tmp_path):
         "second": {"init_from": "first:best", "max_steps": 20, "mixed_precision": "bf16"},
     })
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CPU_2PROC,
-           "--main_process_port", str(free_port()), "-m", "dtrain.commands.cli", "pipeline", "run", str(pipeline)]
+           "--main_process_port", str(free_port()), "-m", "dtrain.cli", "pipeline", "run", str(pipeline)]
     result = runner.run(cmd, cwd=tmp_path, timeout=240)
     assert result.returncode == 0, result.stdout[-4000:]
     out = tmp_path / "out"

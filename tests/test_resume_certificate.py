@@ -41,19 +41,24 @@ def test_checkpoint_without_a_certificate_is_not_compared():
     assert certificate.differences({"format": "something else"}, entry(), 0, 1) == []
 
 
-def test_planned_lrs_follow_the_schedule_in_force_not_the_restored_last_lr():
-    from dtrain.training.schedule import warmup_cosine
+def test_learning_rate_is_the_plan_in_force_whatever_the_restored_optimizer_holds():
+    from dtrain.training.schedule import LearningRate, LRPlan
 
-    def scheduler(total: int):
-        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(2, total, 0.1))
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
 
-    old, new = scheduler(100), scheduler(50)
-    for _ in range(10):
-        old.optimizer.step(), old.step()
-    new.load_state_dict(old.state_dict())  # what a resume does: last_lr comes back from the file
-    assert new.get_last_lr() == old.get_last_lr()
-    assert certificate.planned_lrs(new) != certificate.planned_lrs(old)
+    old_optimizer = optimizer()
+    old = LearningRate(old_optimizer, LRPlan(100, 2, 0.1))
+    old.apply(10)
+    new_optimizer = optimizer()
+    new_optimizer.load_state_dict(old_optimizer.state_dict())  # what a resume does: the old rate comes back
+    new = LearningRate(new_optimizer, LRPlan(50, 2, 0.1))
+    assert new_optimizer.param_groups[0]["lr"] == old_optimizer.param_groups[0]["lr"]
+    assert new.planned(10) != old.planned(10)  # the certificate sees the new plan before training does
+    new.apply(10)
+    assert new_optimizer.param_groups[0]["lr"] == new.at(10)[0] != old.at(10)[0]
+    assert "learning-rate plan changed" in new.load_state_dict(old.state_dict(), 10)
+    assert old.load_state_dict(old.state_dict(), 10) is None
 
 
 def saved_certificate(out: Path, step: int) -> dict:

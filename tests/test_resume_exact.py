@@ -149,7 +149,7 @@ def test_checkpoint_of_another_task_is_refused(runner, tmp_path):
 def test_verify_resume_command_reports_identical(runner, tmp_path):
     import sys
 
-    result = runner.run([sys.executable, "-m", "dtrain.commands.cli", "verify-resume", *FAST, "--verify-steps", "30",
+    result = runner.run([sys.executable, "-m", "dtrain.cli", "verify-resume", *FAST, "--verify-steps", "30",
                          "--eval-every-steps", "10", "--dropout", "0.1", "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stdout[-3000:]
     assert "RESULT: identical" in result.stdout and "DIVERGED" not in result.stdout

@@ -58,7 +58,7 @@ def split_checkpoint_uri(uri: str) -> tuple[RemoteStore, str]:
 def storage_and_name(checkpoint: CheckpointLocation) -> tuple[CheckpointStorage, str]:
     """One checkpoint (a directory, or the URI of an object-store checkpoint) as (its storage, its name)."""
     if is_uri(checkpoint):
-        return split_checkpoint_uri(str(checkpoint))
+        return split_checkpoint_uri(str(checkpoint).rstrip("/"))
     path = local_path(checkpoint)
     return LocalDirectory(path.parent), path.name
 

@@ -294,10 +294,12 @@ class CheckpointManager:
             return download_for_node(str(location), self.accelerator, self.staging)
         return local_path(location)
 
-    def load(self, path: str | Path, fallback_seed: int = 0) -> dict[str, Any]:
-        """Restores the prepared objects and this rank's RNG from a checkpoint; returns its trainer state."""
+    def load(self, path: str | Path, trainer_state: dict[str, Any] | None = None,
+             fallback_seed: int = 0) -> dict[str, Any]:
+        """Restores the prepared objects and this rank's RNG from a checkpoint; returns its trainer state
+        (`trainer_state`: as the caller already read it, else read here)."""
         path = Path(path)
-        state = read_trainer_state(path)
+        state = read_trainer_state(path) if trainer_state is None else trainer_state
         self.accelerator.load_state(str(path))
         rng.restore(path, self.accelerator.process_index, fallback_seed=fallback_seed + int(state.get("global_step", 0)))
         self.resumed_from = self.last_saved_step = int(state.get("global_step", parse_step(path.name) or 0))
@@ -308,5 +310,5 @@ class CheckpointManager:
     def verify(self, path: str | Path, checksums: bool | None = None):
         """Verifies a checkpoint directory or object-store checkpoint URI."""
         checksums = self.verify_checksums if checksums is None else checksums
-        storage, name = storage_and_name(str(path).rstrip("/") if is_uri(path) else path)
+        storage, name = storage_and_name(path)
         return storage.verify(name, checksums)

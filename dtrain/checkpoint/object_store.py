@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from dtrain.checkpoint.layout import FORMAT, MANIFEST, TRAINER_STATE, Verification, parse_step
+from dtrain.compat import strip_protocol
 from dtrain.errors import UsageError
 
 CHUNK = 8 << 20  # bytes read/written per call while streaming (and hashing) a file
@@ -132,7 +133,7 @@ class ObjectStore:
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
             return {}
-        base = self.fs._strip_protocol(base).rstrip("/") + "/"  # noqa: SLF001 - fsspec's own normalisation
+        base = strip_protocol(self.fs, base).rstrip("/") + "/"
         return {path[len(base):]: int(info.get("size") or 0) for path, info in found.items()
                 if path.startswith(base) and info.get("type", "file") == "file"}
 

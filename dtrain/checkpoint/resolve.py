@@ -84,7 +84,7 @@ def select_checkpoint(location: str | os.PathLike, which: str | None = None, ver
     if is_one_checkpoint(location):
         if which is not None:
             raise UsageError(f"--which {which} picks a checkpoint of a run; {location} already is one (drop --which)")
-        storage, name = storage_and_name(str(location).rstrip("/") if is_uri(location) else local_path(location))
+        storage, name = storage_and_name(location)
     else:
         storage = storage_of_run(location)
         best = storage.read_pointer(BEST)

@@ -11,18 +11,18 @@ live state, which nothing changes while the loop waits), so both write through t
 from __future__ import annotations
 
 import copy
-import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import clean_state_dict_for_safetensors
 
+from dtrain import compat
 from dtrain.checkpoint.writer import SAFETENSORS, TORCH, FileDigest, write_files
+from dtrain.rng import ProcessRNG
 
 
 def _numbered(name: str, ext: str, index: int) -> str:
@@ -170,8 +170,7 @@ def writes_like_save_state(accelerator: Accelerator) -> bool:
     """Whether a snapshot's files are all that `save_state` would write: no sharded state, nothing that only
     `save_state` knows how to save (its pre-hooks, prepared dataloaders, registered objects), and the main
     process alone writes the weights (no `save_on_each_node`)."""
-    return (supports_snapshot(accelerator) and not accelerator._save_model_state_pre_hook  # noqa: SLF001
-            and not accelerator._dataloaders and not accelerator._custom_objects  # noqa: SLF001
+    return (supports_snapshot(accelerator) and compat.only_dtrain_writable_state(accelerator)
             and not accelerator.project_configuration.save_on_each_node)
 
 
@@ -201,8 +200,8 @@ def take_snapshot(accelerator: Accelerator, copier: HostCopier | None, defer: bo
 
 
 def _storages_changed_only_by_optimizer_steps(accelerator: Accelerator) -> set[int]:
-    storages = {p.untyped_storage().data_ptr() for m in accelerator._models for p in m.parameters()}  # noqa: SLF001
-    for optimizer in accelerator._optimizers:  # noqa: SLF001
+    storages = {p.untyped_storage().data_ptr() for m in compat.prepared_models(accelerator) for p in m.parameters()}
+    for optimizer in compat.prepared_optimizers(accelerator):
         for state in optimizer.state.values():
             storages |= {v.untyped_storage().data_ptr() for v in state.values() if isinstance(v, torch.Tensor)}
     return storages
@@ -210,22 +209,19 @@ def _storages_changed_only_by_optimizer_steps(accelerator: Accelerator) -> set[i
 
 def _take(accelerator: Accelerator, copier) -> Snapshot:
     snap = Snapshot(process_index=accelerator.process_index, is_main=accelerator.is_main_process)
-    models = [accelerator.get_state_dict(m, unwrap=False) for m in accelerator._models]  # noqa: SLF001
+    models = [accelerator.get_state_dict(m, unwrap=False) for m in compat.prepared_models(accelerator)]
     if snap.is_main:
         snap.models = [copier.copy(m, ("model", i)) for i, m in enumerate(models)]
         snap.optimizers = [copier.copy(o.state_dict(), ("optimizer", i))
-                           for i, o in enumerate(accelerator._optimizers)]  # noqa: SLF001
+                           for i, o in enumerate(compat.prepared_optimizers(accelerator))]
         snap.schedulers = [copier.copy(s.state_dict(), ("scheduler", i))
-                           for i, s in enumerate(accelerator._schedulers)]  # noqa: SLF001
+                           for i, s in enumerate(compat.prepared_schedulers(accelerator))]
         snap.custom = [_own_copy(obj.state_dict(), copier, ("custom", i))
-                       for i, obj in enumerate(accelerator._custom_objects)]  # noqa: SLF001
+                       for i, obj in enumerate(compat.registered_objects(accelerator))]
     if accelerator.scaler is not None:
         snap.scaler = copier.copy(accelerator.scaler.state_dict(), ("scaler",))
     # The same keys as Accelerate's save_accelerator_state, read now rather than when the file is written.
-    snap.rng = {"step": accelerator.step, "random_state": random.getstate(),
-                "numpy_random_seed": np.random.get_state(), "torch_manual_seed": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        snap.rng["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
+    snap.rng = {"step": accelerator.step, **ProcessRNG().state_dict()}
     copier.finish()
     return snap
 

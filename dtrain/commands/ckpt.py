@@ -80,7 +80,7 @@ def ckpt_list(args) -> None:
 
 
 def ckpt_verify(args) -> int:
-    storage, name = storage_and_name(args.path.rstrip("/") if is_uri(args.path) else local_path(args.path))
+    storage, name = storage_and_name(args.path)
     check = storage.verify(name, checksums=True)
     if check.ok:
         print(f"{args.path}: complete ({human_size(check.bytes)}, every sha256 matches)")

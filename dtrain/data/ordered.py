@@ -46,7 +46,7 @@ class OrderedSource(TrainSource):
             self.start_sample = min(self.start_sample + per_step, self.sampler.num_samples)
             yield batch
 
-    def checkpoint_position(self) -> dict:
+    def state_dict(self) -> dict:
         return {"kind": "map", "resume": "order", "epoch": self.epoch, "samples": self.start_sample,
                 "shuffle": self.sampler.shuffle}
 

@@ -8,7 +8,8 @@ Two kinds, one interface (`TrainSource`), chosen by `build.build_train_source`:
   torchdata's StatefulDataLoader; resumed from the loader's state where that is exact, else by replay.
 
 The Trainer calls `seek(epoch, epoch_samples_seen, saved_position)` once at the start and at each new epoch,
-iterates the source for the rest of the epoch, and stores `checkpoint_position()` in trainer_state.json.
+iterates the source for the rest of the epoch, and stores `state_dict()` in trainer_state.json (restored with
+`load_state_dict`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,15 @@ class TrainSource:
         """This rank's micro-batches from the position sought to the end of that epoch."""
         raise NotImplementedError
 
-    def checkpoint_position(self) -> dict:
-        """The position now, as JSON for trainer_state.json. Called on every rank at the same point."""
+    def state_dict(self) -> dict:
+        """The position now, as JSON for trainer_state.json. Called on every rank at the same point (streams
+        gather every rank's position)."""
         raise NotImplementedError
+
+    def load_state_dict(self, position: dict | None, epoch: int, epoch_samples_seen: int) -> None:
+        """Continues from a saved position: `epoch` and `epoch_samples_seen` are the trainer's counters saved
+        with it (map-style data resumes from them alone)."""
+        self.seek(epoch, epoch_samples_seen, position)
 
     def check_resume(self, saved_position: dict | None, saved_world_size: int) -> None:
         """Raises UsageError for a saved position this run cannot continue from (before anything is loaded)."""

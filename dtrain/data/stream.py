@@ -179,7 +179,7 @@ class StatefulSource(TrainSource):
         return {"micro_batches": self.micro_batches + self.to_skip,
                 "state": self.loader_state if self.resume == "state" else None}
 
-    def checkpoint_position(self) -> dict:
+    def state_dict(self) -> dict:
         mine = self._position()
         try:
             json.dumps(mine)

@@ -268,7 +268,7 @@ def pipeline_command(pipeline_file: str, extra: list[str] = ()) -> str:
     argv = launch_argv()
     prefix = argv[:argv.index("pipeline")] if "pipeline" in argv else ["dtrain"]
     if prefix[0] == "python" and len(prefix) == 2 and prefix[1].endswith("cli.py"):
-        prefix = ["python", "-m", "dtrain.commands.cli"]  # `python -m dtrain.cli` shows up as the file's path
+        prefix = ["python", "-m", "dtrain.cli"]  # `python -m dtrain.cli` shows up as the file's path
     return shlex.join([*prefix, "pipeline", "run", pipeline_file, *extra])
 
 

@@ -16,7 +16,6 @@ import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from dtrain.checkpoint.layout import read_trainer_state, step_dirs

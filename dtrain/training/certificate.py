@@ -52,18 +52,6 @@ def rng_digest() -> str:
     return digest(*parts)
 
 
-def planned_lrs(scheduler) -> list[float]:
-    """The learning rates of the next two steps as the schedule in force says. A restored scheduler keeps the
-    saved `last_lr` whatever its new settings, so for lambda schedules (dtrain's own) they are recomputed: a
-    changed max_steps, warm-up or lr shows here before it shows in training."""
-    scheduler = getattr(scheduler, "scheduler", scheduler)  # Accelerate's AcceleratedScheduler wraps it
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    if not lambdas:
-        return list(scheduler.get_last_lr())
-    step = scheduler.last_epoch
-    return [base * fn(step + ahead) for ahead in (0, 1) for base, fn in zip(scheduler.base_lrs, lambdas)]
-
-
 def lr_digest(learning_rates: list[float]) -> str:
     return digest([float(lr).hex() for lr in learning_rates])
 

@@ -23,8 +23,8 @@ import threading
 import time
 from types import FrameType
 
-import dtrain
 from dtrain.distributed import all_reduce_max
+from dtrain.utils import PARENT_PID_AT_START
 
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -52,7 +52,7 @@ class InterruptHandler:
         for sig in HANDLED:
             self._previous[sig] = signal.signal(sig, self._handle)
         if self.watch_parent:
-            threading.Thread(target=self._watch_parent, args=(dtrain.PARENT_PID_AT_START,), daemon=True,
+            threading.Thread(target=self._watch_parent, args=(PARENT_PID_AT_START,), daemon=True,
                              name="dtrain-parent-watch").start()
         return self
 

@@ -7,9 +7,9 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
+from dtrain.compat import check_versions, reset_accelerate_state
 from dtrain.config import Config
 from dtrain.distributed import collective_timeout, set_collective_timeout
 from dtrain.errors import UsageError
@@ -71,7 +71,7 @@ def make_accelerator(config: Config) -> Accelerator:
         raise UsageError(f"launched with WORLD_SIZE={launched_ranks} but Accelerate set up "
                          f"{accelerator.num_processes} process(es) ({accelerator.distributed_type}); "
                          f"refusing to train as independent single processes")
-    config.train.mixed_precision = accelerator.mixed_precision  # recorded in config.yaml and every checkpoint
+    check_versions()
     if conflict:
         logger.warning(conflict)  # only now: Accelerate's logger needs the Accelerator's state
     if config.train.device == "cuda" and launcher_settings().get("device") == "cpu":
@@ -83,8 +83,7 @@ def _create(config: Config, device: str, precision: str) -> Accelerator:
     # Accelerate keeps its settings in process-wide singletons that refuse a second, different Accelerator.
     # Several trainings may run in one process (pipeline stages, verify-resume): start each from clean settings,
     # keeping the process group (PartialState) that the launcher set up.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
+    reset_accelerate_state()
     log_with = None if config.eval.log_with == "none" else config.eval.log_with
     # A dead or hung peer turns into an error after this long instead of torch's 30 minutes (gloo). It applies
     # when this call creates the process group; a group the process already has keeps its own limit.

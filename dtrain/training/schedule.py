@@ -56,3 +56,46 @@ def plan_change(saved: LRPlan, plan: LRPlan, step: int, base_lr: float) -> str |
     end = base_lr * plan.min_lr_ratio
     return (f"learning-rate plan changed ({changes}): from step {step} the schedule continues on the new plan, "
             f"lr {was:.3g} -> {now:.3g} now, decaying to {end:.3g} at step {plan.total_steps}")
+
+
+class LearningRate:
+    """The learning rate as a pure function of the optimizer step, set into the optimizer's param groups right
+    before each optimizer step (as nanoGPT does): whatever a checkpoint or a scheduler left in the optimizer, step
+    S always trains with `initial_lr * plan(S)`, so a resume with another plan needs no repair.
+
+    Each param group's `initial_lr` is its base rate (torch's schedulers keep it under the same name, so the
+    optimizer state of a checkpoint carries it). A scheduler may still be prepared for Accelerate's checkpoint
+    layout; it computes the same values.
+    """
+
+    def __init__(self, optimizer, plan: LRPlan):
+        self.optimizer = optimizer
+        self.plan = plan
+        self._factor = plan.factor()
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    def at(self, step: int) -> list[float]:
+        """The learning rate of each param group for optimizer step `step` (0-based)."""
+        return [group["initial_lr"] * self._factor(step) for group in self.optimizer.param_groups]
+
+    def apply(self, step: int) -> None:
+        """Sets the rates of optimizer step `step` into the param groups."""
+        for group, lr in zip(self.optimizer.param_groups, self.at(step)):
+            group["lr"] = lr
+
+    def planned(self, step: int) -> list[float]:
+        """The rates of the next two steps (for the resume certificate: a changed plan shows here)."""
+        return [*self.at(step), *self.at(step + 1)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.plan.to_dict()
+
+    def load_state_dict(self, saved: Any, step: int) -> str | None:
+        """Continues from a checkpoint's plan at `step`; returns the one line to say when the plan changed
+        (the new plan goes on from `step`), else None."""
+        saved_plan = LRPlan.from_dict(saved)
+        if saved_plan is None:
+            return None  # written before plans were saved
+        base = self.optimizer.param_groups[0]["initial_lr"]
+        return plan_change(saved_plan, self.plan, step, base)

@@ -19,12 +19,12 @@ if os.environ.get("DTRAIN_TEST_PAUSE_AT_STEP") and sys.argv and sys.argv[0].ends
     _pause_at = int(os.environ["DTRAIN_TEST_PAUSE_AT_STEP"])
     _original = Trainer._after_optimizer_step
 
-    def _after_optimizer_step(self, progress):
+    def _after_optimizer_step(self, epoch_done):
         if self.state.global_step == _pause_at:
             (self.output_dir / f"paused-rank{self.accelerator.process_index}").touch()
             deadline = time.monotonic() + 120
             while not self.interrupts.requested and time.monotonic() < deadline:
                 time.sleep(0.05)
-        return _original(self, progress)
+        return _original(self, epoch_done)
 
     Trainer._after_optimizer_step = _after_optimizer_step

@@ -1,0 +1,89 @@
+"""Every use of a library's private API, in one place, with the versions it was tested against.
+
+dtrain writes the files of `Accelerator.save_state` itself (one pass, hashed while written, from a host copy for
+background saves), so it must read what Accelerate prepared and registered; Accelerate has no public API for
+that list. Several trainings in one process (pipeline stages, verify-resume) need Accelerate's process-wide
+settings cleared between them. fsspec's path normalisation is needed to name objects relative to a prefix.
+`check_versions()` runs when a training starts and warns once when the installed Accelerate is outside the range
+these were tested with (pyproject.toml pins the same range).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+ACCELERATE_TESTED = ">=1.16,<1.17"  # keep in step with pyproject.toml
+
+_warned = False
+
+
+def accelerate_version_problem() -> str | None:
+    """Why the installed Accelerate may not fit this dtrain (None when it is in the tested range)."""
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    installed = version("accelerate")
+    if installed in SpecifierSet(ACCELERATE_TESTED):
+        return None
+    return (f"accelerate {installed} is installed; dtrain is tested with accelerate{ACCELERATE_TESTED}. It reads "
+            f"Accelerate's private state to write save_state's files itself (dtrain/compat.py): if checkpoints "
+            f"fail to save or load, install a tested version")
+
+
+def check_versions() -> None:
+    """Warns once per process when a library whose private API dtrain uses is outside its tested range."""
+    global _warned
+    problem = accelerate_version_problem()
+    if problem and not _warned:
+        _warned = True
+        warnings.warn(problem, RuntimeWarning, stacklevel=2)
+
+
+# ------------------------------------------------------------------------------------------- Accelerator
+
+def prepared_models(accelerator) -> list:
+    return accelerator._models  # noqa: SLF001
+
+
+def prepared_optimizers(accelerator) -> list:
+    return accelerator._optimizers  # noqa: SLF001
+
+
+def prepared_schedulers(accelerator) -> list:
+    return accelerator._schedulers  # noqa: SLF001
+
+
+def registered_objects(accelerator) -> list:
+    """Objects registered with `register_for_checkpointing` (saved as custom_checkpoint_{i}.pkl)."""
+    return accelerator._custom_objects  # noqa: SLF001
+
+
+def only_dtrain_writable_state(accelerator) -> bool:
+    """True when `save_state` would write nothing beyond models, optimizers, schedulers, scaler and RNG: no
+    save-state pre-hooks, no prepared dataloaders, no registered objects."""
+    return (not accelerator._save_model_state_pre_hook  # noqa: SLF001
+            and not accelerator._dataloaders and not accelerator._custom_objects)  # noqa: SLF001
+
+
+def reset_accelerate_state() -> None:
+    """Clears Accelerate's process-wide settings for the next Accelerator, keeping the process group."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # noqa: SLF001
+    GradientState._reset_state()  # noqa: SLF001
+
+
+def torch_accelerator_backend() -> tuple[str | None, Any]:
+    """(device type, its torch module) of the accelerator Accelerate saves RNG state for (None on the CPU)."""
+    from accelerate.utils import get_torch_accelerator_backend
+
+    return get_torch_accelerator_backend()
+
+
+# ------------------------------------------------------------------------------------------- fsspec
+
+def strip_protocol(fs, path: str) -> str:
+    """A path as the filesystem's listings spell it (fsspec's own normalisation)."""
+    return fs._strip_protocol(path)  # noqa: SLF001
