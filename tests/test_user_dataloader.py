@@ -132,7 +132,7 @@ def test_num_workers_and_eval_batch_size_are_honoured(tmp_path, fresh_accelerate
     trainer = make_trainer(tmp_path / "run", DataLoader(data, batch_size=4, num_workers=2, pin_memory=True),
                            max_steps=4, eval_dataloader=DataLoader(Recording(20), batch_size=5))
     assert trainer.train_data.num_workers == 2 and trainer.train_data.pin_memory is True
-    assert [len(batch[0]) for batch in trainer.eval_loader] == [5, 5, 5, 5]
+    assert [len(batch[0]) for batch in trainer.evaluator.loader] == [5, 5, 5, 5]
     trainer.fit()
     pids = {int(line.split()[0]) for line in log.read_text().splitlines()}
     assert pids and os.getpid() not in pids, "samples were read in worker processes"

@@ -36,37 +36,18 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
 
 
 def plot_run(output_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draws a run's curves into `out` (default OUTPUT_DIR/metrics.png); returns the file's path."""
     output_dir = Path(output_dir)
     records = read_records(output_dir / "metrics.jsonl")
     if not records:
         raise UsageError(f"{output_dir / 'metrics.jsonl'} is missing or empty; accepted: a run's output dir")
     plt = _pyplot()
     train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
     events = [r for r in records if "event" in r]
-    eval_keys = sorted({k for r in evals for k in r} - {"step", "epoch", "kind"})
-    train_keys = sorted({k for r in train for k in r} - TRAIN_SKIP)
     has_lr = any("lr" in r for r in train)
-
     fig, axes = plt.subplots(2 if has_lr else 1, 1, figsize=(10, 7 if has_lr else 5), sharex=True, squeeze=False,
                              gridspec_kw={"height_ratios": [3, 1]} if has_lr else None)
-    ax = axes[0][0]
-    for key in train_keys:
-        ax.plot(*_series(train, key), label=f"train {key}", linewidth=1.2)
-    for key in eval_keys:
-        ax.plot(*_series(evals, key), "o-", label=f"eval {key}", markersize=3, linewidth=1.2)
-    _mark_events(ax, events)
-    best = best_checkpoint_metric(run_checkpoints(output_dir))
-    if best is not None and isinstance(best["value"], (int, float)):
-        step, metric, value = best["step"], best["metric"], float(best["value"])
-        ax.plot([step], [value], marker="*", markersize=18, color="gold", markeredgecolor="black", zorder=5,
-                linestyle="none", label=f"best checkpoint ({metric} {value:.4g} @ {step})")
-    if all(v > 0 for key in train_keys for v in _series(train, key)[1]) and train_keys:
-        ax.set_yscale("log")  # losses span orders of magnitude early on
-    ax.set_ylabel("metric")
-    ax.set_title(f"{output_dir}")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
+    _draw_metrics(axes[0][0], train, [r for r in records if r.get("kind") == "eval"], events, output_dir)
     if has_lr:
         lr_ax = axes[1][0]
         lr_ax.plot(*_series(train, "lr"), color="tab:gray")
@@ -80,6 +61,28 @@ def plot_run(output_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _draw_metrics(ax, train: list[dict[str, Any]], evals: list[dict[str, Any]], events: list[dict[str, Any]],
+                  output_dir: Path) -> None:
+    """Training and eval curves, the run's events and the best checkpoint, on one axis."""
+    train_keys = sorted({k for r in train for k in r} - TRAIN_SKIP)
+    for key in train_keys:
+        ax.plot(*_series(train, key), label=f"train {key}", linewidth=1.2)
+    for key in sorted({k for r in evals for k in r} - {"step", "epoch", "kind"}):
+        ax.plot(*_series(evals, key), "o-", label=f"eval {key}", markersize=3, linewidth=1.2)
+    _mark_events(ax, events)
+    best = best_checkpoint_metric(run_checkpoints(output_dir))
+    if best is not None and isinstance(best["value"], (int, float)):
+        step, metric, value = best["step"], best["metric"], float(best["value"])
+        ax.plot([step], [value], marker="*", markersize=18, color="gold", markeredgecolor="black", zorder=5,
+                linestyle="none", label=f"best checkpoint ({metric} {value:.4g} @ {step})")
+    if all(v > 0 for key in train_keys for v in _series(train, key)[1]) and train_keys:
+        ax.set_yscale("log")  # losses span orders of magnitude early on
+    ax.set_ylabel("metric")
+    ax.set_title(f"{output_dir}")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
 
 
 def _mark_events(ax, events: list[dict[str, Any]], legend: bool = True) -> None:
