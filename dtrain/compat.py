@@ -11,7 +11,7 @@ these were tested with (pyproject.toml pins the same range).
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 ACCELERATE_TESTED = ">=1.16,<1.17"  # keep in step with pyproject.toml
 
@@ -68,11 +68,45 @@ def only_dtrain_writable_state(accelerator) -> bool:
 
 
 def reset_accelerate_state() -> None:
-    """Clears Accelerate's process-wide settings for the next Accelerator, keeping the process group."""
-    from accelerate.state import AcceleratorState, GradientState
+    """Clears Accelerate's process-wide settings for the next Accelerator, keeping the process group.
+
+    An FSDP AcceleratorState writes its distributed type into the process's PartialState, which the reset keeps:
+    the next Accelerator would inherit "FSDP" without a plugin ('AcceleratorState' object has no attribute
+    'is_fsdp2'). The partial state gets back the type of its process group."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import DistributedType
 
     AcceleratorState._reset_state(reset_partial_state=False)  # noqa: SLF001
     GradientState._reset_state()  # noqa: SLF001
+    shared = PartialState._shared_state  # noqa: SLF001
+    if shared.get("distributed_type") == DistributedType.FSDP:
+        device = shared["device"].type
+        shared["distributed_type"] = (DistributedType.MULTI_CPU if device == "cpu" else DistributedType.MULTI_GPU
+                                      if device == "cuda" else DistributedType(f"MULTI_{device.upper()}"))
+
+
+def create_sharded_accelerator(create: Callable[[], Any], cpu: bool, **process_group_kwargs) -> Any:
+    """`create()` an Accelerator that takes Accelerate's own FSDP2 path, on CPUs too.
+
+    Accelerate 1.16 enables FSDP only for GPU-like distributed types: with `cpu=True` it silently prepares DDP.
+    FSDP2 itself runs on gloo (fully_shard, DTensor, torch.distributed.checkpoint), so while the AcceleratorState
+    is created the CPU process group is presented as MULTI_GPU; Accelerate then records FSDP in the partial
+    state itself, as it does on GPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if not cpu:
+        return create()
+    PartialState(cpu=True, **process_group_kwargs)  # the process group, as Accelerator would create it
+    shared = PartialState._shared_state  # noqa: SLF001
+    masked = shared.get("distributed_type") == DistributedType.MULTI_CPU
+    if masked:
+        shared["distributed_type"] = DistributedType.MULTI_GPU
+    try:
+        return create()
+    finally:
+        if masked and shared.get("distributed_type") == DistributedType.MULTI_GPU:
+            shared["distributed_type"] = DistributedType.MULTI_CPU  # FSDP was not taken: leave it as it was
 
 
 def torch_accelerator_backend() -> tuple[str | None, Any]:

@@ -97,6 +97,11 @@ class TrainConfig:
     mixed_precision: str | None = field(default=None, **_opt(
         "autocast precision; default: what the launcher says (accelerate launch --mixed_precision or its "
         "config file), else no", ("no", "fp16", "bf16")))
+    # None = not set by dtrain: the launcher decides (an Accelerate config with `distributed_type: FSDP`).
+    sharding: str | None = field(default=None, **_opt(
+        "shard parameters, gradients and optimizer state across the ranks (FSDP2, also on CPUs with gloo); "
+        "default: what the launcher says (an accelerate config with distributed_type FSDP), else none",
+        ("none", "fsdp2")))
     device: str = field(default="auto", **_opt("where to train; auto: the launcher's --cpu, else cuda if "
                                                "available, else cpu", ("auto", "cpu", "cuda")))
     num_workers: int = field(default=0, **_opt("DataLoader worker processes"))

@@ -55,7 +55,7 @@ def test_show_tells_step_metrics_how_it_was_written_files_and_config(resumed_run
     latest = checkpoint(resumed_run, "latest")
     assert f"checkpoint  {latest}" in text and "latest" in text.splitlines()[0]
     assert "progress    step 120, epoch 0" in text
-    assert "written by  1 process(es) on cpu, mixed precision no, sync save" in text
+    assert "written by  1 process(es) on cpu, mixed precision no, sharding none, sync save" in text
     assert "model.safetensors" in text and "trainer_state.json" in text
     assert "config" in text and "max_steps: 120" in text
 
@@ -67,7 +67,7 @@ def test_show_tells_step_metrics_how_it_was_written_files_and_config(resumed_run
     assert info["step"] == state["global_step"]
     assert info["metrics"]["val_loss"] == state["checkpoint_metric"]["value"]
     assert "loss" in info["metrics"]  # the training loss logged at that step, from metrics.jsonl
-    assert info["written_by"] == {"world_size": 1, "device": "cpu", "mixed_precision": "no", "save": "sync",
+    assert info["written_by"] == {"world_size": 1, "device": "cpu", "mixed_precision": "no", "sharding": "none", "save": "sync",
                                   "created": info["written_by"]["created"]}
     assert info["files"]["model.safetensors"] == (best / "model.safetensors").stat().st_size
     assert info["config"]["train"]["max_steps"] == 120

@@ -131,6 +131,7 @@ def test_resolved_config_is_written_and_can_be_fed_back(tmp_path, capsys):
     assert written.exists()
     original = parse(*argv)
     original.train.mixed_precision = "no"  # unset by dtrain, resolved from the launcher (none: no) and recorded
+    original.train.sharding = "none"  # likewise
     fed_back = parse("--config", str(written))
     assert fed_back.to_dict() == original.to_dict()
     # And it starts a real run: resume that run from its own config file.

@@ -126,7 +126,7 @@ def describe_checkpoint(path: CheckpointLocation, checksums: bool = False) -> di
         "parent": state.get("parent"), "run_id": state.get("run_id"),
         "metrics": metrics, "task": state.get("task"),
         "written_by": {"world_size": state.get("world_size"), "device": state.get("device"),
-                       "mixed_precision": state.get("mixed_precision"),
+                       "mixed_precision": state.get("mixed_precision"), "sharding": state.get("sharding", "none"),
                        "save": "async" if state.get("async") else "sync",
                        "created": manifest.get("created") or state.get("created")},
         "files": files, "manifest_files": sorted(manifest.get("files", {})),
@@ -156,7 +156,7 @@ def ckpt_show(args) -> None:
         print("metrics     " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(info["metrics"].items())))
     w = info["written_by"]
     print(f"written by  {w['world_size']} process(es) on {w['device']}, mixed precision {w['mixed_precision']}, "
-          f"{w['save']} save, {w['created']}")
+          f"sharding {w['sharding']}, {w['save']} save, {w['created']}")
     print("files")
     for name, size in info["files"].items():
         note = "" if name in info["manifest_files"] or name == MANIFEST else "  (not in the manifest)"

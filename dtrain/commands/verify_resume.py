@@ -18,6 +18,7 @@ import torch
 from accelerate.utils import load as safe_load
 from safetensors.torch import load_file
 
+from dtrain.checkpoint.sharded import SHARDED_MODEL_DIR, SHARDED_OPTIMIZER_DIR, full_state, is_sharded
 from dtrain.commands.common import run_main
 from dtrain.config import Config, config_from_args
 from dtrain.errors import Interrupted, UsageError
@@ -53,9 +54,12 @@ def run_variant(config: Config, output_dir: Path, resume: str, stop_at: int | No
 def compare_checkpoints(a: Path, b: Path) -> list[tuple[str, bool, str]]:
     """(state, identical, detail) for each part of two checkpoints."""
     rows = []
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    wa, wb = _weights(a), _weights(b)
     diverged = [k for k in wa if k not in wb or not torch.equal(wa[k], wb[k])]
     rows.append(("model weights", not diverged, f"first differing: {diverged[:3]}" if diverged else f"{len(wa)} tensors"))
+    if is_sharded(a):
+        rows.append(("optimizer state", _equal(full_state(a / SHARDED_OPTIMIZER_DIR),
+                                               full_state(b / SHARDED_OPTIMIZER_DIR)), ""))
     for name, label in (("optimizer.bin", "optimizer state"), ("scheduler.bin", "scheduler state")):
         if (a / name).exists():
             same = _equal(safe_load(a / name), safe_load(b / name))
@@ -70,6 +74,23 @@ def compare_checkpoints(a: Path, b: Path) -> list[tuple[str, bool, str]]:
         rows.append((f"trainer {key}", ta.get(key) == tb.get(key), f"{ta.get(key)!r} vs {tb.get(key)!r}"
                      if ta.get(key) != tb.get(key) else ""))
     return rows
+
+
+def _weights(checkpoint: Path) -> dict:
+    """The model's tensors: model.safetensors, or every rank's shards gathered (a sharded checkpoint)."""
+    if is_sharded(checkpoint):
+        return _flat(full_state(checkpoint / SHARDED_MODEL_DIR))
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def _flat(state: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _equal(x: Any, y: Any) -> bool:

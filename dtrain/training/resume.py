@@ -11,6 +11,7 @@ from typing import Any
 from accelerate.logging import get_logger
 
 from dtrain.checkpoint.layout import read_trainer_state
+from dtrain.checkpoint.sharded import is_sharded
 from dtrain.config import Config
 from dtrain.errors import UsageError
 
@@ -37,6 +38,7 @@ def check_compatible(saved: dict[str, Any], task, config: Config, model, path: P
     if shape_changes and not config.checkpoint.allow_config_change:
         raise UsageError(f"--resume: the model shape changed since {path.name} ({'; '.join(shape_changes)}); "
                          f"set them back, or pass --allow-config-change")
+    _check_same_sharding(saved, config, path)
     check_tensors_fit(path, model)
     old_config = saved.get("config")
     if isinstance(old_config, dict):
@@ -46,6 +48,16 @@ def check_compatible(saved: dict[str, Any], task, config: Config, model, path: P
             logger.warning(f"config changed since {path.name}: {'; '.join(changes)}")
     if saved.get("fingerprint") and saved["fingerprint"] != task.fingerprint:
         logger.warning(f"the training data changed since {path.name}: {saved['fingerprint']} -> {task.fingerprint}")
+
+
+def _check_same_sharding(saved: dict[str, Any], config: Config, path: Path) -> None:
+    """A sharded checkpoint holds each rank's shards (torch.distributed.checkpoint), a full-state one whole
+    tensors: each loads only into a run sharded the same way."""
+    written = saved.get("sharding") or ("fsdp2" if is_sharded(path) else "none")
+    now = config.train.sharding or "none"
+    if written != now:
+        raise UsageError(f"--resume: {path.name} was written with sharding {written!r} and this run uses {now!r}; "
+                         f"resume with --sharding {written} (any number of ranks for fsdp2)")
 
 
 def check_tensors_fit(path: Path, model, weights: Path | None = None) -> None:

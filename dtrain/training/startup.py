@@ -78,7 +78,8 @@ def _start_fresh(trainer) -> None:
         logger.warning(f"--overwrite: deleting {checkpoints.discard_all()} old checkpoint(s)")
     trainer.metrics.reset()
     trainer.metrics.event("start", 0, world_size=trainer.accelerator.num_processes, task=trainer.task.name,
-                          fingerprint=trainer.task.fingerprint, total_steps=trainer.total_steps)
+                          fingerprint=trainer.task.fingerprint, total_steps=trainer.total_steps,
+                          sharding=trainer.config.train.sharding or "none")
     trainer.train_data.seek(0)
 
 

@@ -37,7 +37,7 @@ from dtrain.training.evaluation import EarlyStopping, Evaluator
 from dtrain.training.interrupt import InterruptHandler
 from dtrain.training.metrics import MetricsLog
 from dtrain.training.resume import load_initial_weights
-from dtrain.training.runtime import make_accelerator
+from dtrain.training.runtime import check_sharded, make_accelerator
 from dtrain.training.save_policy import SavePolicy
 from dtrain.training.schedule import LearningRate, LRPlan, warmup_cosine
 
@@ -136,6 +136,8 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
             plan.warmup_steps, plan.total_steps, plan.min_lr_ratio))
         model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        if cfg.train.sharding == "fsdp2":
+            logger.info(check_sharded(model, self.accelerator.num_processes), main_process_only=False)
         return model, optimizer, scheduler, LearningRate(optimizer, plan)
 
     def _planned_steps(self) -> int:
@@ -319,7 +321,8 @@ class Trainer:
                 "lr_plan": self.lr.state_dict(), "task": self.task.name, "shape": self.task.shape,
                 "resume_certificate": certificate.gather_certificate(entry, self.accelerator.num_processes),
                 "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
-                "mixed_precision": self.accelerator.mixed_precision, "grad_accum": self.config.train.grad_accum,
+                "mixed_precision": self.accelerator.mixed_precision, "sharding": self.config.train.sharding or "none",
+                "grad_accum": self.config.train.grad_accum,
                 "device": self.accelerator.device.type, "async": self.checkpoints.async_save,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
