@@ -30,10 +30,11 @@ class ProcessRNG:
     dtrain's writer and `save_state` produce the same file, and `load_state_dict` restores either.
     """
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, device: bool = True) -> dict[str, Any]:
+        """`device=False` leaves the accelerator's generator out (it is then left as it is on load)."""
         states = {"random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
                   "torch_manual_seed": torch.get_rng_state()}
-        key, module, device_type = _device_generator()
+        key, module, device_type = _device_generator() if device else (None, None, None)
         if key is not None:
             if module is torch.accelerator:
                 random_api = getattr(torch.accelerator, "random", None)
@@ -73,7 +74,8 @@ def _device_generator() -> tuple[str | None, Any, str | None]:
 def preserved_rng() -> Iterator[None]:
     """Runs a block (evaluation, sampling) and then puts every global RNG back as it was."""
     generators = ProcessRNG()
-    saved = generators.state_dict()
+    # Reading CUDA's generators would initialise CUDA in a run that never used it (--device cpu on a GPU host).
+    saved = generators.state_dict(device=not torch.cuda.is_available() or torch.cuda.is_initialized())
     try:
         yield
     finally:

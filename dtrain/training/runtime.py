@@ -111,9 +111,6 @@ def _create(config: Config, device: str, precision: str, sharding: str) -> Accel
     # A dead or hung peer turns into an error after this long instead of torch's 30 minutes (gloo). It applies
     # when this call creates the process group; a group the process already has keeps its own limit.
     set_collective_timeout(config.train.collective_timeout_seconds)
-    if sharding == "none":
-        os.environ.pop("ACCELERATE_USE_FSDP", None)  # dtrain's --sharding none wins over the launcher's FSDP
-
     def create(fsdp_plugin=None) -> Accelerator:
         return Accelerator(
             cpu=device == "cpu",  # on the CPU this is what makes multi-process runs use gloo (MULTI_CPU)
@@ -127,7 +124,14 @@ def _create(config: Config, device: str, precision: str, sharding: str) -> Accel
         )
 
     if sharding == "none":
-        return create()
+        # dtrain's --sharding none wins over the launcher's FSDP, which Accelerate reads from the environment:
+        # hidden for this Accelerator only (a later pipeline stage may still follow the launcher).
+        launcher_fsdp = os.environ.pop("ACCELERATE_USE_FSDP", None)
+        try:
+            return create()
+        finally:
+            if launcher_fsdp is not None:
+                os.environ["ACCELERATE_USE_FSDP"] = launcher_fsdp
     # FSDP2 through Accelerate's own plugin: every parameter sharded across the ranks (per transformer block
     # where the model names its blocks, `_no_split_modules`, else as one unit), checkpoints written by every
     # rank as torch.distributed.checkpoint shards. The launcher's other FSDP settings (FSDP_* variables) apply.
