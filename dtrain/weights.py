@@ -40,6 +40,8 @@ def shared_groups(state_dict: Mapping[str, torch.Tensor]) -> list[list[str]]:
     for name, tensor in state_dict.items():
         if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
             continue
+        if hasattr(tensor, "to_local"):  # a DTensor (sharded): its shard on this rank is what may be shared
+            tensor = tensor.to_local()
         storage = tensor.untyped_storage()
         if storage.data_ptr() == 0 or storage.nbytes() == 0:
             continue  # empty tensors share the null address without sharing anything
@@ -115,3 +117,34 @@ def load_weights(model: nn.Module, path: str | Path) -> WeightsFit:
     # because load_state_dict copies into the model's existing tensors and a tied pair is one tensor.
     model.load_state_dict(load_file(str(path)), strict=False)
     return fit
+
+
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """Names of the model's state that are one parameter or buffer registered under several names, in
+    state_dict order (the first is the one a checkpoint keeps). Read from the module tree itself, so it holds
+    for sharded models too (FSDP2 keeps a tied parameter one DTensor)."""
+    by_object: dict[int, list[str]] = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        by_object.setdefault(id(value), []).append(name)
+    return [names for names in by_object.values() if len(names) > 1]
+
+
+def without_aliases(state: dict[str, torch.Tensor], tied: list[list[str]]) -> dict[str, torch.Tensor]:
+    """`state` with each tied tensor kept once, under the first of its names that `state` holds."""
+    state = dict(state)
+    for group in tied:
+        present = [name for name in group if name in state]
+        for alias in present[1:]:
+            del state[alias]
+    return state
+
+
+def with_aliases(state: dict[str, torch.Tensor], tied: list[list[str]]) -> dict[str, torch.Tensor]:
+    """`state` with every name of a tied tensor filled from the one name `state` holds it under."""
+    state = dict(state)
+    for group in tied:
+        present = next((name for name in group if name in state), None)
+        for alias in group:
+            if present is not None and alias not in state:
+                state[alias] = state[present]
+    return state

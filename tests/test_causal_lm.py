@@ -341,3 +341,38 @@ def test_tokenizer_larger_than_the_model_vocabulary(tmp_path, capsys, fresh_acce
 def test_bad_causal_lm_settings_name_the_field(values, field):
     with pytest.raises(UsageError, match=f"invalid value for {field}"):
         build_task(build_config(flag_values={"task": "causal-lm", **values}).task, seed=0)
+
+
+# ------------------------------------------------------------------------------------------- sharded (FSDP2)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,tied,streaming", [("gpt2", True, False), ("llama", False, True)],
+                         ids=["gpt2-tied", "llama-streaming"])
+def test_sharded_sigterm_resume_is_exact_and_exports_a_whole_hf_model(runner, tmp_path, kind, tied, streaming):
+    from dtrain.checkpoint.sharded import model_state
+    from dtrain.commands.cli import main as dtrain_main
+    from dtrain.commands.verify_resume import compare_checkpoints
+
+    data = write_corpus(tmp_path / "text", files=4)
+    config = write_model_config(tmp_path / "config.json", kind, tied)
+    args = [*TINY, "--model-config", str(config), "--data", str(data), "--sharding", "fsdp2",
+            *(["--streaming"] if streaming else [])]
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    straight_run = runner.start(train_cmd(*args, "--output-dir", str(straight), processes=2), cwd=REPO)
+    output = run_interrupted_at(runner, train_cmd(*args, "--output-dir", str(stopped), processes=2), stopped, 5, 2)
+    assert "sharded with FSDP2 over 2 ranks" in output
+    output, _ = straight_run.communicate(timeout=180)
+    assert straight_run.returncode == 0, output[-3000:]
+    resumed = runner.run(train_cmd(*args, "--output-dir", str(stopped), "--resume", "latest", processes=2),
+                         cwd=REPO)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    rows = compare_checkpoints(final_checkpoint(straight), final_checkpoint(stopped))
+    assert [name for name, same, _ in rows if not same] == []  # weights, optimizer, RNG: bit for bit
+
+    out = tmp_path / "exported"
+    assert dtrain_main(["ckpt", "export", str(stopped), "--format", "hf", "--out", str(out)]) == 0
+    loaded = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    gathered = model_state(final_checkpoint(stopped))
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in gathered.items())
+    tied_now = loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    assert tied_now == tied

@@ -4,6 +4,9 @@ SIGTERM and resumed bit for bit, resharded onto another number of ranks, refused
 from __future__ import annotations
 
 import json
+import os
+import pickle
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -16,6 +19,11 @@ pytestmark = pytest.mark.slow
 
 FSDP_CPU = str(REPO / "launch_configs" / "fsdp_cpu_2proc.yaml")
 RUN = [*FAST, "--max-steps", "40", "--save-every-steps", "10", "--keep-last", "0", "--dropout", "0.1"]
+
+
+def torchrun(*args: str, processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_port", str(free_port()), TRAIN, *args, "--device", "cpu"]
 
 
 def fsdp_launch(*args: str, script: str = TRAIN) -> list[str]:
@@ -49,6 +57,36 @@ def straight(tmp_path_factory):
         yield out, result.stdout
     finally:
         runner.cleanup()
+
+
+@pytest.fixture(scope="module")
+def unsharded(tmp_path_factory):
+    """The same run as `straight`, data parallel (every rank holds the whole model)."""
+    from conftest import Runner
+
+    runner = Runner()
+    try:
+        out = tmp_path_factory.mktemp("ddp-straight")
+        result = runner.run(torchrun(*RUN, "--sharding", "none", "--output-dir", str(out)), cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:]
+        yield out
+    finally:
+        runner.cleanup()
+
+
+def resumed_from(checkpoint: Path, out: Path) -> None:
+    """`out` as a run whose latest checkpoint is a copy of `checkpoint`."""
+    shutil.copytree(checkpoint, out / "checkpoints" / checkpoint.name)
+    (out / "checkpoints" / "latest").write_text(f"{checkpoint.name}\n")
+
+
+def assert_close_losses(out: Path, reference: Path) -> None:
+    """The windows logged after the resume match the reference run's to float tolerance (another reduction order
+    of the same sums: sharded and data-parallel runs agree closely, not bit for bit)."""
+    resumed_at = next(r for r in records(out) if r.get("event") == "resume")["step"]
+    after = {step: loss for step, loss in losses(out).items() if step - 5 >= resumed_at}
+    expected = {step: losses(reference)[step] for step in after}
+    assert len(after) >= 3 and after == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
 def test_an_fsdp_launch_config_on_cpus_really_shards_and_records_it(straight):
@@ -90,15 +128,11 @@ def test_sigterm_and_resume_under_fsdp2_continue_bit_for_bit(runner, straight, t
 
 
 def test_a_two_rank_sharded_checkpoint_resumes_sharded_on_three_ranks(runner, straight, tmp_path):
-    import shutil
-
     reference, _ = straight
     out = tmp_path / "three"
-    shutil.copytree(reference / "checkpoints" / "step_000000020", out / "checkpoints" / "step_000000020")
-    (out / "checkpoints" / "latest").write_text("step_000000020\n")
-    result = runner.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3",
-                         "--master_port", str(free_port()), TRAIN, *RUN, "--sharding", "fsdp2", "--device", "cpu",
-                         "--output-dir", str(out), "--resume", "latest"], cwd=REPO, timeout=300)
+    resumed_from(reference / "checkpoints" / "step_000000020", out)
+    result = runner.run(torchrun(*RUN, "--sharding", "fsdp2", "--output-dir", str(out), "--resume", "latest",
+                                 processes=3), cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "world size changed from 2 to 3" in result.stdout
     assert "sharded with FSDP2 over 3 ranks" in result.stdout
@@ -107,9 +141,9 @@ def test_a_two_rank_sharded_checkpoint_resumes_sharded_on_three_ranks(runner, st
     assert state_of(out / "checkpoints" / "step_000000040")["global_step"] == 40
 
 
-def test_verify_resume_under_fsdp2_reports_identical(runner, tmp_path):
-    # Three trainings, each with its own Accelerator, in one process per rank.
-    result = runner.run(fsdp_launch("dtrain.cli", "verify-resume", *FAST, "--verify-steps", "12",
+def test_verify_resume_under_fsdp2_with_gradient_accumulation_reports_identical(runner, tmp_path):
+    # Three trainings, each with its own Accelerator, in one process per rank; the stop falls inside an epoch.
+    result = runner.run(fsdp_launch("dtrain.cli", "verify-resume", *FAST, "--verify-steps", "12", "--grad-accum", "2",
                                     "--output-dir", str(tmp_path / "v"), script="-m"), cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "RESULT: identical: resuming is exact" in result.stdout
@@ -123,10 +157,158 @@ def test_sharding_asked_for_with_one_process_is_refused_with_one_line(runner, tm
     assert "Traceback" not in result.stdout
 
 
-def test_a_sharded_checkpoint_resumed_unsharded_is_refused_with_one_line(runner, straight, tmp_path):
+def test_a_sharded_checkpoint_resumes_data_parallel_and_continues_the_loss(runner, straight, tmp_path):
     reference, _ = straight
-    result = runner.run(train_cmd(*RUN, "--output-dir", str(tmp_path / "unsharded"), "--resume",
-                                  str(reference / "checkpoints" / "step_000000020")), cwd=REPO)
-    assert result.returncode == 2, result.stdout[-3000:]
-    assert "was written with sharding 'fsdp2' and this run uses 'none'" in result.stdout
-    assert "Traceback" not in result.stdout
+    out = tmp_path / "to-ddp"
+    resumed_from(reference / "checkpoints" / "step_000000020", out)
+    result = runner.run(torchrun(*RUN, "--sharding", "none", "--output-dir", str(out), "--resume", "latest"),
+                        cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "written with sharding 'fsdp2' and this run uses 'none': its model and optimizer state are converted" \
+        in result.stdout
+    assert_close_losses(out, reference)
+    assert "model.safetensors" in json.loads((out / "checkpoints" / "step_000000040" / "manifest.json").read_text())[
+        "files"]  # from here on a full-state run
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process(runner, straight, tmp_path):
+    reference, _ = straight
+    out = tmp_path / "one"
+    resumed_from(reference / "checkpoints" / "step_000000020", out)
+    result = runner.run(train_cmd(*RUN, "--output-dir", str(out), "--resume", "latest"), cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "world size changed from 2 to 1" in result.stdout
+    assert state_of(out / "checkpoints" / "step_000000040")["global_step"] == 40
+
+
+def test_a_full_state_checkpoint_resumes_sharded_and_continues_the_loss(runner, unsharded, tmp_path):
+    out = tmp_path / "to-fsdp"
+    resumed_from(unsharded / "checkpoints" / "step_000000020", out)
+    result = runner.run(torchrun(*RUN, "--sharding", "fsdp2", "--output-dir", str(out), "--resume", "latest"),
+                        cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "written with sharding 'none' and this run uses 'fsdp2'" in result.stdout
+    assert_close_losses(out, unsharded)
+    assert (out / "checkpoints" / "step_000000040" / "pytorch_model_fsdp_0").is_dir()
+
+
+def test_export_eval_and_init_from_take_a_sharded_checkpoint_on_one_process(runner, straight, unsharded, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from dtrain.checkpoint.sharded import SHARDED_MODEL_DIR, full_state
+    from dtrain.config import config_from_dict
+    from dtrain.tasks import build_task
+    from dtrain.training.resume import load_initial_weights
+
+    checkpoint = straight[0] / "checkpoints" / "step_000000040"
+    exported = tmp_path / "model.safetensors"
+    result = runner.run([sys.executable, "-m", "dtrain.cli", "ckpt", "export", str(checkpoint), "--out",
+                         str(exported)], cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+    tensors = load_file(str(exported))
+    gathered = full_state(checkpoint / SHARDED_MODEL_DIR)["model"]
+    assert tensors.keys() == gathered.keys() == load_file(str(unsharded / "checkpoints" / "step_000000040" /
+                                                              "model.safetensors")).keys()
+    assert all(torch.equal(tensors[name], gathered[name]) for name in tensors)  # whole, not one rank's shard
+
+    task = build_task(config_from_dict(state_of(checkpoint)["config"]).task, 0)
+    load_initial_weights(task.model, str(checkpoint))  # --init-from: the same weights, no process group
+    assert all(torch.equal(task.model.state_dict()[name], tensors[name]) for name in tensors)
+
+    evaluated = runner.run([sys.executable, "-m", "dtrain.cli", "eval", str(checkpoint)], cwd=REPO, timeout=120)
+    assert evaluated.returncode == 0 and "val_loss" in evaluated.stdout, evaluated.stdout[-3000:]
+
+
+class RunsCode:
+    """A pickle that calls a function of the attacker's choice when it is loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_crafted_dcp_index_is_refused_on_resume_and_runs_nothing(runner, straight, tmp_path, processes):
+    from dtrain.checkpoint.layout import write_manifest
+
+    reference, _ = straight
+    out, marker = tmp_path / "run", tmp_path / "ran"
+    resumed_from(reference / "checkpoints" / "step_000000020", out)
+    checkpoint = out / "checkpoints" / "step_000000020"
+    (checkpoint / "optimizer_0" / ".metadata").write_bytes(pickle.dumps(RunsCode(marker)))
+    write_manifest(checkpoint, 20)  # the attacker recomputes the manifest: the checkpoint verifies
+    command = (train_cmd(*RUN, "--output-dir", str(out), "--resume", str(checkpoint)) if processes == 1 else
+               torchrun(*RUN, "--sharding", "fsdp2", "--output-dir", str(out), "--resume", str(checkpoint)))
+    result = runner.run(command, cwd=REPO, timeout=300)
+    assert result.returncode == (2 if processes == 1 else 1), result.stdout[-3000:]  # torchrun reports 1
+    assert "step_000000020/optimizer_0/.metadata was refused (refers to posix.mkdir" in result.stdout
+    assert not marker.exists()
+
+
+def test_ten_kill_9s_under_fsdp2_half_inside_saves_break_nothing_and_the_end_is_exact(runner, straight, tmp_path):
+    from dtrain.checkpoint.layout import read_pointer, verify_checkpoint
+    from dtrain.checkpoint.local_commit import STAGES
+    from dtrain.commands.verify_resume import compare_checkpoints
+
+    reference, _ = straight
+    out = tmp_path / "killed"
+    checkpoints = out / "checkpoints"
+    args = [*RUN, "--save-every-steps", "1", "--output-dir", str(out), "--resume", "auto"]
+
+    def latest_step() -> int:
+        name = read_pointer(checkpoints, "latest") if checkpoints.is_dir() else None
+        return int(name.split("_")[1]) if name else 0
+
+    for kill in range(10):
+        before = latest_step()
+        if kill % 2:  # inside the second save of this start, at each stage of the commit in turn, on one rank
+            stage = STAGES[(kill // 2) % len(STAGES)]
+            rank = "1" if stage in ("temp_created", "state_written") and kill % 4 == 1 else "0"
+            proc = runner.start(fsdp_launch(*args), cwd=REPO, DTRAIN_FAULT_AT=stage, DTRAIN_FAULT_AFTER_SAVES="1",
+                                DTRAIN_FAULT_RANK=rank)
+            output, _ = proc.communicate(timeout=180)
+            assert proc.returncode != 0 and "SIGKILL" in output, f"kill {kill} at {stage}: {output[-3000:]}"
+        else:  # at whatever moment the run is in once it has committed one more step
+            proc = runner.start(fsdp_launch(*args), cwd=REPO)
+            wait_for(lambda: latest_step() > before or proc.poll() is not None, timeout=180,
+                     what=f"a new checkpoint after kill {kill}")
+            assert proc.poll() is None, proc.communicate()[0][-3000:]
+            runner.kill(proc)
+            proc.communicate(timeout=60)
+        names = [p.name for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        assert all(verify_checkpoint(checkpoints / name, checksums=True).ok for name in names), kill
+        assert read_pointer(checkpoints, "latest") in names, kill
+        assert latest_step() < 40, "the run ended before the tenth kill"
+
+    finished = runner.run(fsdp_launch(*args), cwd=REPO, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:]
+    rows = compare_checkpoints(reference / "checkpoints" / "step_000000040", checkpoints / "step_000000040")
+    assert [name for name, same, _ in rows if not same] == []  # 10 kills later: the uninterrupted run, bit for bit
+
+
+def test_async_sharded_saves_equal_synchronous_ones_and_a_kill_mid_write_keeps_the_previous(runner, straight,
+                                                                                             tmp_path):
+    from dtrain.checkpoint.layout import read_pointer, verify_checkpoint
+    from dtrain.commands.verify_resume import compare_checkpoints
+
+    reference, _ = straight
+    out = tmp_path / "async"
+    args = [*RUN, "--async-save", "--output-dir", str(out)]
+    killed = runner.run(fsdp_launch(*args), cwd=REPO, timeout=300, DTRAIN_FAULT_AT="state_written",
+                        DTRAIN_FAULT_AFTER_SAVES="1")  # SIGKILL in the background write of the second save
+    assert killed.returncode != 0 and "SIGKILL" in killed.stdout, killed.stdout[-3000:]
+    assert "--async-save is not supported" not in killed.stdout
+    checkpoints = out / "checkpoints"
+    assert read_pointer(checkpoints, "latest") == "step_000000010"
+    assert verify_checkpoint(checkpoints / "step_000000010", checksums=True).ok
+    assert not (checkpoints / "step_000000020").exists()
+    resumed = runner.run(fsdp_launch(*args, "--resume", "latest"), cwd=REPO, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    for step in (10, 20, 40):  # written in the background, each the synchronous run's checkpoint bit for bit
+        name = f"step_{step:09d}"
+        rows = compare_checkpoints(reference / "checkpoints" / name, checkpoints / name)
+        assert [row for row in rows if not row[1]] == [], name
+    assert state_of(checkpoints / "step_000000040")["async"] is True

@@ -36,6 +36,7 @@ from dtrain.checkpoint.local_commit import LocalCommit
 from dtrain.checkpoint.location import is_uri, local_path, open_storage, storage_and_name
 from dtrain.checkpoint.records import current_lineage, record_from_state
 from dtrain.checkpoint.retention import CheckpointRecord, RetentionPolicy, best_checkpoint, checkpoints_to_delete
+from dtrain.checkpoint.sharded import check_sharded, is_sharded
 from dtrain.checkpoint.snapshot import HostCopier, Snapshot, supports_snapshot, take_snapshot, writes_like_save_state
 from dtrain.checkpoint.storage import CheckpointLocation, CheckpointStorage
 from dtrain.checkpoint.store_commit import STAGING_DIR, StoreCommit, download_for_node
@@ -199,6 +200,8 @@ class CheckpointManager:
         if snapshot is None:
             self.accelerator.save_state(str(temp))
         else:
+            if snapshot.sharded:  # every rank's shards, over the background thread's own group
+                snapshot.write_sharded(temp, self._side_group)
             files = snapshot.files()
         if self.is_main:
             files.append((TRAINER_STATE, TEXT, json.dumps(state, indent=1, default=str)))
@@ -300,6 +303,8 @@ class CheckpointManager:
         (`trainer_state`: as the caller already read it, else read here)."""
         path = Path(path)
         state = read_trainer_state(path) if trainer_state is None else trainer_state
+        if is_sharded(path):
+            check_sharded(path)  # DCP unpickles its index and values: refuse crafted ones before it reads them
         self.accelerator.load_state(str(path))
         rng.restore(path, self.accelerator.process_index, fallback_seed=fallback_seed + int(state.get("global_step", 0)))
         self.resumed_from = self.last_saved_step = int(state.get("global_step", parse_step(path.name) or 0))

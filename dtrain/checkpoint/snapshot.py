@@ -4,6 +4,9 @@ Taking the snapshot is the only part of an `--async-save` checkpoint that holds 
 produces the same files, with the same names and formats, as `save_state` (safetensors weights, torch.save'd
 optimizer/scheduler/scaler state, `custom_checkpoint_{i}.pkl` for each object registered with
 `register_for_checkpointing`, one `random_states_{rank}.pkl` per rank), so `Accelerator.load_state` loads it.
+Under sharding (FSDP2) each rank's snapshot holds its own shards of the model and optimizer state instead, staged
+to host memory by torch.distributed.checkpoint's stager and written as the DCP directories `save_state` writes
+(`pytorch_model_fsdp_{i}/`, `optimizer_{i}/`), by every rank, over the process group it is given.
 A synchronous save uses the same listing without the copy (`take_snapshot(accelerator, None)`: references to the
 live state, which nothing changes while the loop waits), so both write through the one-pass writer.
 """
@@ -21,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import clean_state_dict_for_safetensors
 
 from dtrain import compat
+from dtrain.checkpoint.sharded import SHARDED_MODEL_PREFIX, SHARDED_OPTIMIZER_PREFIX
 from dtrain.checkpoint.writer import SAFETENSORS, TORCH, FileDigest, write_files
 from dtrain.rng import ProcessRNG
 
@@ -46,6 +50,18 @@ class HostCopier:
         self._deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._ready: torch.cuda.Event | None = None  # the GPU work that produced the deferred sources
         self._stream: torch.cuda.Stream | None = None
+        self._shard_stager = None  # DCP's stager for sharded state (DTensors), made at the first sharded copy
+
+    def copy_shards(self, state: dict) -> dict:
+        """A host copy of a sharded state dict (DTensors: this rank's shards), into buffers reused between
+        snapshots (torch.distributed.checkpoint's own stager; pinned memory for GPU tensors)."""
+        if self._shard_stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            on_gpu = torch.cuda.is_available()
+            self._shard_stager = DefaultStager(StagingOptions(use_pinned_memory=on_gpu, use_shared_memory=False,
+                                                              use_async_staging=False, use_non_blocking_copy=on_gpu))
+        return self._shard_stager.stage(state)
 
     def copy(self, value: Any, key: tuple = ()) -> Any:
         """A host copy of `value` (tensors, possibly nested in dicts, lists and tuples; other values as they are)."""
@@ -132,6 +148,7 @@ class Snapshot:
     custom: list[Any] = field(default_factory=list)  # states of registered objects (main process only)
     rng: dict[str, Any] = field(default_factory=dict)
     is_main: bool = False
+    sharded: dict[str, dict] = field(default_factory=dict)  # DCP directory -> this rank's shards (FSDP2)
 
     def files(self) -> list[tuple[str, str, Any]]:
         """(name, format, object) of the files `save_state` would write from this process."""
@@ -155,12 +172,23 @@ class Snapshot:
         fsynced); returns their sizes and sha256 for the manifest."""
         return write_files(directory, self.files())
 
+    def write_sharded(self, directory: Path, process_group) -> None:
+        """Writes this rank's shards into the DCP directories (collective over `process_group`: every rank
+        calls it; the files are fsynced, and hashed from the page cache by the manifest)."""
+        import torch.distributed.checkpoint as dcp
+
+        for name, state in self.sharded.items():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory / name)), process_group=process_group)
+
 
 class _NoCopy:
     defer_storages: set[int] = set()
 
     def copy(self, value: Any, key: tuple = ()) -> Any:
         return value
+
+    def copy_shards(self, state: dict) -> dict:
+        return state
 
     def finish(self) -> None:
         pass
@@ -170,14 +198,22 @@ def writes_like_save_state(accelerator: Accelerator) -> bool:
     """Whether a snapshot's files are all that `save_state` would write: no sharded state, nothing that only
     `save_state` knows how to save (its pre-hooks, prepared dataloaders, registered objects), and the main
     process alone writes the weights (no `save_on_each_node`)."""
-    return (supports_snapshot(accelerator) and compat.only_dtrain_writable_state(accelerator)
+    return (supports_snapshot(accelerator) and not is_fsdp2(accelerator)
+            and compat.only_dtrain_writable_state(accelerator)
             and not accelerator.project_configuration.save_on_each_node)
 
 
 def supports_snapshot(accelerator: Accelerator) -> bool:
-    """Sharded (FSDP/DeepSpeed) state is saved by Accelerate's own collective code: no background copy."""
+    """FSDP2 shards are staged and written by DCP; FSDP1, DeepSpeed and Megatron state only by Accelerate's own
+    collective code: no background copy."""
+    if is_fsdp2(accelerator):
+        return True
     return str(accelerator.distributed_type) not in ("DistributedType.FSDP", "DistributedType.DEEPSPEED",
                                                      "FSDP", "DEEPSPEED", "MEGATRON_LM")
+
+
+def is_fsdp2(accelerator: Accelerator) -> bool:
+    return str(accelerator.distributed_type) in ("DistributedType.FSDP", "FSDP") and accelerator.is_fsdp2
 
 
 def take_snapshot(accelerator: Accelerator, copier: HostCopier | None, defer: bool = False) -> Snapshot:
@@ -190,7 +226,7 @@ def take_snapshot(accelerator: Accelerator, copier: HostCopier | None, defer: bo
     """
     if copier is None:
         copier = _NoCopy()
-    elif defer:
+    elif defer and not is_fsdp2(accelerator):  # shards are staged whole, now
         copier.defer_storages = _storages_changed_only_by_optimizer_steps(accelerator)
     try:
         snap = _take(accelerator, copier)
@@ -209,11 +245,16 @@ def _storages_changed_only_by_optimizer_steps(accelerator: Accelerator) -> set[i
 
 def _take(accelerator: Accelerator, copier) -> Snapshot:
     snap = Snapshot(process_index=accelerator.process_index, is_main=accelerator.is_main_process)
-    models = [accelerator.get_state_dict(m, unwrap=False) for m in compat.prepared_models(accelerator)]
-    if snap.is_main:
+    models = []
+    if is_fsdp2(accelerator):
+        snap.sharded = {name: copier.copy_shards(state) for name, state in _shards(accelerator).items()}
+    else:
+        models = [accelerator.get_state_dict(m, unwrap=False) for m in compat.prepared_models(accelerator)]
+    if snap.is_main and not snap.sharded:
         snap.models = [copier.copy(m, ("model", i)) for i, m in enumerate(models)]
         snap.optimizers = [copier.copy(o.state_dict(), ("optimizer", i))
                            for i, o in enumerate(compat.prepared_optimizers(accelerator))]
+    if snap.is_main:
         snap.schedulers = [copier.copy(s.state_dict(), ("scheduler", i))
                            for i, s in enumerate(compat.prepared_schedulers(accelerator))]
         snap.custom = [_own_copy(obj.state_dict(), copier, ("custom", i))
@@ -224,6 +265,19 @@ def _take(accelerator: Accelerator, copier) -> Snapshot:
     snap.rng = {"step": accelerator.step, **ProcessRNG().state_dict()}
     copier.finish()
     return snap
+
+
+def _shards(accelerator: Accelerator) -> dict[str, dict]:
+    """This rank's sharded model and optimizer state, under the DCP directories and keys of Accelerate's
+    save_state under FSDP2 (optimizer i goes with model i, as Accelerate pairs them)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    models = compat.prepared_models(accelerator)
+    shards = {f"{SHARDED_MODEL_PREFIX}{i}": {"model": get_model_state_dict(model)} for i, model in enumerate(models)}
+    for i, optimizer in enumerate(compat.prepared_optimizers(accelerator)):
+        torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # the one Accelerate wraps
+        shards[f"{SHARDED_OPTIMIZER_PREFIX}{i}"] = {"optimizer": get_optimizer_state_dict(models[i], torch_optimizer)}
+    return shards
 
 
 def _own_copy(value: Any, copier: HostCopier, key: tuple) -> Any:

@@ -20,6 +20,7 @@ from dtrain.checkpoint.location import (is_uri, local_path, split_checkpoint_uri
 from dtrain.checkpoint.records import current_lineage
 from dtrain.checkpoint.resolve import select_checkpoint
 from dtrain.checkpoint.retention import RetentionPolicy, checkpoints_to_delete
+from dtrain.checkpoint.sharded import SHARDED_MODEL_DIR
 from dtrain.checkpoint.storage import CheckpointLocation, CheckpointStorage
 from dtrain.errors import UsageError
 from dtrain.utils import human_size
@@ -27,17 +28,19 @@ from dtrain.training.metrics import read_records
 
 
 @contextlib.contextmanager
-def local_copy(location: CheckpointLocation, files: tuple[str, ...] = ("model.safetensors", TRAINER_STATE)
+def local_copy(location: CheckpointLocation,
+               files: tuple[str, ...] = ("model.safetensors", TRAINER_STATE, f"{SHARDED_MODEL_DIR}/")
                ) -> Iterator[Path]:
-    """A checkpoint as a local directory: a directory as it is; an object-store checkpoint's `files` downloaded
-    to a temporary directory (sha256 checked) for as long as the block runs."""
+    """A checkpoint as a local directory: a directory as it is; an object-store checkpoint's `files` (a name
+    ending in / : every file below it) downloaded to a temporary directory (checked against its manifest) for as long as the
+    block runs. By default the model's weights, whole or sharded, and the trainer state."""
     if not (isinstance(location, str) and is_uri(location)):
         yield local_path(location)
         return
     store, name = split_checkpoint_uri(location)
     with tempfile.TemporaryDirectory(prefix="dtrain-ckpt-") as temp:
         try:
-            yield store.download(name, Path(temp) / name, want=lambda file: file in files)
+            yield store.download(name, Path(temp) / name, want=lambda file: any(file == f or (f.endswith("/") and file.startswith(f)) for f in files))
         except OSError as exc:
             raise UsageError(f"cannot download {location}: {exc}") from None
 

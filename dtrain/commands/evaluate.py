@@ -15,6 +15,7 @@ from typing import Any
 
 from dtrain.checkpoint.layout import read_trainer_state
 from dtrain.checkpoint.resolve import select_checkpoint
+from dtrain.checkpoint.sharded import is_sharded, model_weights_file
 from dtrain.commands.ckpt import local_copy
 from dtrain.errors import UsageError
 
@@ -38,11 +39,11 @@ def evaluate_checkpoint(checkpoint: Path, max_batches: int = 0, batch_size: int 
     task = build_task(config.task, config.train.seed)
     if task.eval_data is None:
         raise UsageError(f"task {task.name!r} has no eval split")
-    weights = checkpoint / "model.safetensors"
-    if not weights.is_file():
-        raise UsageError(f"{checkpoint} has no model.safetensors (sharded checkpoints are not supported by eval)")
+    if not (checkpoint / "model.safetensors").is_file() and not is_sharded(checkpoint):
+        raise UsageError(f"{checkpoint} holds no model weights (neither model.safetensors nor sharded shards)")
     model = task.model
-    load_weights(model, weights)  # tied weights stay tied
+    with model_weights_file(checkpoint) as weights:  # sharded: every rank's shards gathered on this process
+        load_weights(model, weights)  # tied weights stay tied
     model.eval()
     loader = DataLoader(task.eval_data, batch_size=batch_size or config.train.batch_size, shuffle=False,
                         collate_fn=task.collate_fn)

@@ -4,6 +4,7 @@ The file's metadata carries what is needed to use it without the run: the config
 the task and the source checkpoint. `load_exported(path)` rebuilds the task's model from that config and loads
 the weights; `safetensors.torch.load_file(path)` reads the plain tensors.
 
+A sharded (FSDP2) checkpoint is consolidated on this one process first, whatever world size wrote it.
 Tied weights are stored once, under the name the checkpoint holds (see dtrain/weights.py):
 `safetensors.torch.load_model(model, path)` and `load_exported` fill the shared tensor and keep the tie.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 from dtrain.checkpoint.layout import read_trainer_state
 from dtrain.checkpoint.resolve import select_checkpoint
+from dtrain.checkpoint.sharded import SHARDED_MODEL_DIR, is_sharded, model_weights_file
 from dtrain.commands.ckpt import local_copy
 from dtrain.errors import UsageError
 from dtrain.weights import EXPORT_DTYPES, torch_dtype
@@ -32,15 +34,15 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "fp32", source: 
 
     if dtype not in EXPORT_DTYPES:
         raise UsageError(f"invalid value for --dtype: {dtype!r}; accepted: {', '.join(EXPORT_DTYPES)}")
-    weights = checkpoint / "model.safetensors"
-    if not weights.is_file():
-        raise UsageError(f"{checkpoint} has no model.safetensors (a sharded FSDP checkpoint cannot be exported "
-                         f"as one file yet)")
+    if not (checkpoint / "model.safetensors").is_file() and not is_sharded(checkpoint):
+        raise UsageError(f"{checkpoint} holds no model weights (neither model.safetensors nor sharded "
+                         f"{SHARDED_MODEL_DIR}/)")
     if out.is_dir():
         raise UsageError(f"invalid value for --out: {out} is a directory; accepted: a file path such as model.safetensors")
     state = read_trainer_state(checkpoint)
     target = torch_dtype(dtype)
-    tensors = {name: t.to(target) if t.is_floating_point() else t for name, t in load_file(str(weights)).items()}
+    with model_weights_file(checkpoint) as weights:  # a sharded checkpoint: every rank's shards, gathered here
+        tensors = {name: t.to(target) if t.is_floating_point() else t for name, t in load_file(str(weights)).items()}
     metadata = {
         "format": EXPORT_FORMAT, "task": str(state.get("task")), "step": str(state.get("global_step")),
         "epoch": str(state.get("epoch")), "dtype": dtype, "source": source or str(checkpoint.resolve()),

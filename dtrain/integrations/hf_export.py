@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dtrain.checkpoint.layout import read_trainer_state
+from dtrain.checkpoint.sharded import is_sharded, model_weights_file
 from dtrain.errors import UsageError
 from dtrain.utils import fsync_path, human_size, remove_tree
 from dtrain.weights import EXPORT_DTYPES, torch_dtype
@@ -34,7 +35,8 @@ def _model_of_checkpoint(checkpoint: Path, state: dict[str, Any]):
     task_config = dataclasses.replace(config.task, gradient_checkpointing=False)
     model, tokenizer = build_model_and_tokenizer(task_config, config.train.seed)
     model.config.use_cache = True  # for inference
-    load_weights(model, checkpoint / "model.safetensors")  # ties intact; a file that does not fit: UsageError
+    with model_weights_file(checkpoint) as weights:  # sharded: every rank's shards gathered on this process
+        load_weights(model, weights)  # ties intact; a file that does not fit: UsageError
     return model, tokenizer
 
 
@@ -45,8 +47,8 @@ def export_hf(checkpoint: Path, out: Path, dtype: str = "fp32") -> dict[str, Any
     if state.get("task") != "causal-lm":
         raise UsageError(f"--format hf: {checkpoint} was written by task {state.get('task')!r}; accepted: a "
                          f"causal-lm checkpoint (use --format safetensors for other tasks)")
-    if not (checkpoint / "model.safetensors").is_file():
-        raise UsageError(f"{checkpoint} has no model.safetensors (a sharded FSDP checkpoint cannot be exported yet)")
+    if not (checkpoint / "model.safetensors").is_file() and not is_sharded(checkpoint):
+        raise UsageError(f"{checkpoint} holds no model weights (neither model.safetensors nor sharded shards)")
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MARKER).is_file())):
         raise UsageError(f"invalid value for --out: {out} exists and is not an earlier dtrain export; accepted: a "
                          f"new directory path")

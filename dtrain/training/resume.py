@@ -11,7 +11,7 @@ from typing import Any
 from accelerate.logging import get_logger
 
 from dtrain.checkpoint.layout import read_trainer_state
-from dtrain.checkpoint.sharded import is_sharded
+from dtrain.checkpoint.sharded import SHARDED_MODEL_DIR, is_sharded, model_weights_file
 from dtrain.config import Config
 from dtrain.errors import UsageError
 
@@ -52,12 +52,13 @@ def check_compatible(saved: dict[str, Any], task, config: Config, model, path: P
 
 def _check_same_sharding(saved: dict[str, Any], config: Config, path: Path) -> None:
     """A sharded checkpoint holds each rank's shards (torch.distributed.checkpoint), a full-state one whole
-    tensors: each loads only into a run sharded the same way."""
+    tensors: across a change, the checkpoint is converted on load (checkpoint/convert.py); said once."""
     written = saved.get("sharding") or ("fsdp2" if is_sharded(path) else "none")
     now = config.train.sharding or "none"
     if written != now:
-        raise UsageError(f"--resume: {path.name} was written with sharding {written!r} and this run uses {now!r}; "
-                         f"resume with --sharding {written} (any number of ranks for fsdp2)")
+        logger.warning(f"{path.name} was written with sharding {written!r} and this run uses {now!r}: its model and "
+                       f"optimizer state are converted as they load; the run is correct but not bit-identical "
+                       f"to an uninterrupted one")
 
 
 def check_tensors_fit(path: Path, model, weights: Path | None = None) -> None:
@@ -82,10 +83,14 @@ def load_initial_weights(model, source: str) -> None:
     from dtrain.weights import load_weights
 
     path = Path(source)
+    if path.is_dir() and is_sharded(path):
+        with model_weights_file(path) as weights:  # every rank gathers the shards itself: no collective needed
+            load_weights(model, weights)
+        return
     weights = path / "model.safetensors" if path.is_dir() else path
     if not weights.is_file():
         raise UsageError(f"invalid value for init_from: {source!r}; accepted: a checkpoint directory "
-                         f"holding model.safetensors, or a .safetensors file")
+                         f"holding model.safetensors or sharded {SHARDED_MODEL_DIR}/, or a .safetensors file")
     load_weights(model, weights)
 
 

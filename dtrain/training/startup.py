@@ -15,6 +15,7 @@ from typing import Any
 from accelerate.logging import get_logger
 
 from dtrain.checkpoint import resolve_resume
+from dtrain.checkpoint.convert import run_layout
 from dtrain.config import write_config
 from dtrain.distributed import run_and_agree
 from dtrain.errors import UsageError
@@ -90,7 +91,10 @@ def _resume(trainer, source: Path | str) -> None:
     saved = resume_checks.read_checkpoint_state(path)  # the one read of trainer_state.json
     resume_checks.check_compatible(saved, trainer.task, trainer.config, acc.unwrap_model(trainer.model), path)
     trainer.train_data.check_resume(saved.get("data_position"), saved.get("world_size", 1))
-    trainer.checkpoints.load(path, saved, fallback_seed=trainer.config.train.seed)
+    sharded_run = trainer.config.train.sharding == "fsdp2"
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # the torch optimizer Accelerate wraps
+    with run_layout(path, sharded_run, acc.unwrap_model(trainer.model), optimizer) as in_run_layout:
+        trainer.checkpoints.load(in_run_layout, saved, fallback_seed=trainer.config.train.seed)
     trainer.load_state_dict(saved)  # counters, data position, LR plan, evaluation, early stopping
     if saved.get("world_size", 1) != acc.num_processes and trainer.train_data.kind == "map":
         logger.warning(f"world size changed from {saved.get('world_size')} to {acc.num_processes}: continuing at "

@@ -40,6 +40,7 @@ from dtrain.training.resume import load_initial_weights
 from dtrain.training.runtime import check_sharded, make_accelerator
 from dtrain.training.save_policy import SavePolicy
 from dtrain.training.schedule import LearningRate, LRPlan, warmup_cosine
+from dtrain.weights import tied_names
 
 logger = get_logger(__name__)
 
@@ -115,6 +116,8 @@ class Trainer:
         self.evaluator = Evaluator(task, cfg, acc, self.output_dir)
         self.early_stopping = EarlyStopping(cfg.eval.monitor, cfg.eval.mode, cfg.eval.early_stopping_patience)
         self.total_steps = self._planned_steps()
+        # Recorded in every checkpoint: a sharded one stores each name of a tied tensor, and its export keeps one.
+        self.tied_weights = tied_names(self.task.model)
         self.model, self.optimizer, self.scheduler, self.lr = self._prepare_model(optimizer)
         self.save_policy = SavePolicy(ckpt, self.total_steps, self.is_main, self.interrupts, acc.device)
         self.stop_at_step: int | None = None  # set by fit()
@@ -322,7 +325,7 @@ class Trainer:
                 "resume_certificate": certificate.gather_certificate(entry, self.accelerator.num_processes),
                 "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
                 "mixed_precision": self.accelerator.mixed_precision, "sharding": self.config.train.sharding or "none",
-                "grad_accum": self.config.train.grad_accum,
+                "grad_accum": self.config.train.grad_accum, "tied_weights": self.tied_weights,
                 "device": self.accelerator.device.type, "async": self.checkpoints.async_save,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
