@@ -74,3 +74,33 @@ def test_nodes_with_their_own_disks_resume_from_the_store_after_both_were_killed
 
     assert same_tensors(load(store.read_bytes("step_000000030", "model.safetensors")),
                         load_weights(shared / "checkpoints" / "step_000000030"))
+
+
+@pytest.mark.slow
+def test_sharded_nodes_with_their_own_disks_upload_their_own_shards_and_resume_exactly(runner, s3_bucket, tmp_path):
+    from dtrain.commands.verify_resume import compare_checkpoints
+
+    uri = f"{s3_bucket}/sharded-nodes"
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    codes, outputs = run_two_nodes(runner, node0, node1, "--sharding", "fsdp2", "--checkpoint-dir", uri,
+                                   DTRAIN_FAULT_AT="upload_started", DTRAIN_FAULT_AFTER_SAVES="1")
+    assert codes[0] != 0 and codes[1] != 0, outputs[0][-3000:]
+    assert "sharded with FSDP2 over 2 ranks" in outputs[1]
+    store = ObjectStore(uri)
+    assert store.read_pointer("latest") == "step_000000010"
+    codes, outputs = run_two_nodes(runner, node0, node1, "--sharding", "fsdp2", "--checkpoint-dir", uri,
+                                   "--resume", "latest")
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    manifest = store.read_manifest("step_000000030")["files"]
+    assert sorted(n for n in manifest if n.endswith(".distcp")) == [
+        "optimizer_0/__0_0.distcp", "optimizer_0/__1_0.distcp",
+        "pytorch_model_fsdp_0/__0_0.distcp", "pytorch_model_fsdp_0/__1_0.distcp"]  # each node uploaded its own
+    assert store.verify("step_000000030", checksums=True).ok
+    assert not (node1 / "checkpoints").exists()
+
+    shared = tmp_path / "straight"
+    codes, outputs = run_two_nodes(runner, shared, shared, "--sharding", "fsdp2")
+    assert codes == [0, 0], outputs[0][-3000:]
+    downloaded = store.download("step_000000030", tmp_path / "downloaded" / "step_000000030")
+    rows = compare_checkpoints(shared / "checkpoints" / "step_000000030", downloaded)
+    assert [row for row in rows if not row[1]] == []
