@@ -10,6 +10,9 @@
    continues the run.
 3. An `--async-save` snapshot of GPU tensors goes into pinned host buffers; how long it holds the loop.
 4. The loop and checkpoint benchmarks (bench_loop.py, bench_checkpoint.py) with `--device cuda`.
+5. With 2 or more GPUs: sharded training (FSDP2 over NCCL) resumes bit-exact (`dtrain verify-resume --sharding
+   fsdp2` on 2 ranks, in bf16), and an `--async-save` sharded run commits and resumes. With one GPU it says it
+   skipped this (sharding needs a process per GPU).
 
 Without CUDA it says so and exits 2. Every part runs in a process of its own; the JSON line holds `ok` (all of
 1-3 passed) and every figure.
@@ -141,6 +144,39 @@ def pinned_snapshot() -> dict:
     return {"buffers_pinned": pinned, "async_held_s_median": _util.median(held[1:])}  # the first allocates
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sharded(root: Path) -> dict:
+    """FSDP2 over NCCL on 2 GPUs: verify-resume, then an async sharded run stopped after its first save and
+    resumed."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        return {"skipped": f"needs 2 GPUs, this machine has {torch.cuda.device_count()}"}
+
+    def torchrun(*args: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port()), *args]
+
+    verify = run(torchrun("-m", "dtrain.cli", "verify-resume", *REGRESSION, "--device", "cuda", "--sharding",
+                          "fsdp2", "--mixed-precision", "bf16", "--verify-steps", "20",
+                          "--output-dir", str(root / "fsdp-verify")))
+    out = root / "fsdp-async"
+    args = [TRAIN, *REGRESSION, "--device", "cuda", "--sharding", "fsdp2", "--async-save", "--max-steps", "30",
+            "--save-every-steps", "10", "--output-dir", str(out)]
+    stopped = run(torchrun(*args), DTRAIN_FAULT_AT="state_written", DTRAIN_FAULT_AFTER_SAVES="1")
+    resumed = run(torchrun(*args, "--resume", "latest"))
+    return {"verify_resume_identical": verify.returncode == 0 and "RESULT: identical" in verify.stdout,
+            "async_killed_mid_write": stopped.returncode != 0,
+            "async_resumed": resumed.returncode == 0 and (out / "checkpoints" / "step_000000030").is_dir()}
+
+
 def benchmark(script: str, quick: bool) -> dict:
     proc = run([sys.executable, str(_util.REPO / "benchmarks" / script), "--device", "cuda",
                 *(["--quick"] if quick else [])], timeout=300)
@@ -171,13 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         result["resume_exact_bf16"] = resume_exact("bf16", root)
         result["resume_exact_fp16"] = resume_exact("fp16", root)
         result["gpu_checkpoint_on_cpu"] = gpu_checkpoint_on_cpu(root)
+        result["sharded"] = sharded(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result["async_snapshot"] = pinned_snapshot()
     for script in ("bench_loop.py", "bench_checkpoint.py"):
         result[script.removesuffix(".py")] = benchmark(script, args.quick)
     result["ok"] = bool(result["resume_exact_bf16"]["identical"] and result["resume_exact_fp16"]["identical"]
-                        and result["gpu_checkpoint_on_cpu"]["ok"] and result["async_snapshot"]["buffers_pinned"])
+                        and result["gpu_checkpoint_on_cpu"]["ok"] and result["async_snapshot"]["buffers_pinned"]
+                        and ("skipped" in result["sharded"] or all(result["sharded"].values())))
     result["seconds"] = round(time.perf_counter() - started, 1)
     _util.emit(result)
     return 0 if result["ok"] else 1

@@ -312,3 +312,27 @@ def test_async_sharded_saves_equal_synchronous_ones_and_a_kill_mid_write_keeps_t
         rows = compare_checkpoints(reference / "checkpoints" / name, checkpoints / name)
         assert [row for row in rows if not row[1]] == [], name
     assert state_of(checkpoints / "step_000000040")["async"] is True
+
+
+def test_evaluation_under_fsdp2_matches_data_parallel(straight, unsharded):
+    def evals(out: Path) -> dict[int, float]:
+        return {r["step"]: r["val_loss"] for r in records(out) if "val_loss" in r}
+
+    assert sorted(evals(straight[0])) == [20, 40]
+    assert evals(straight[0]) == pytest.approx(evals(unsharded), rel=1e-4)
+
+
+def test_early_stopping_and_the_best_checkpoint_under_fsdp2(runner, tmp_path):
+    out = tmp_path / "early"
+    result = runner.run(torchrun(*FAST, "--max-steps", "60", "--eval-every-steps", "5", "--save-every-steps", "5",
+                                 "--lr", "0.05", "--keep-last", "1", "--keep-best", "1",
+                                 "--early-stopping-patience", "1", "--sharding", "fsdp2", "--output-dir", str(out)),
+                        cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]
+    evals = [(r["step"], r["val_loss"]) for r in records(out) if "val_loss" in r]
+    assert [step for step, _ in evals] == [5, 10] and evals[1][1] > evals[0][1]  # worse once: stopped
+    assert json.loads((out / "exit_status.json").read_text())["reason"] == "early_stop"
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "best").read_text().strip() == "step_000000005"  # the better one, kept beside latest
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step_")) == [
+        "step_000000005", "step_000000010"]
