@@ -17,7 +17,10 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from dtrain.checksum import ALGORITHMS, DEFAULT_CHECKSUM, check_algorithm
 from dtrain.errors import UsageError
+
+ALGORITHMS_ACCEPTED = tuple(ALGORITHMS)
 
 
 def _opt(help: str, choices: tuple | None = None, **kwargs) -> dict:
@@ -157,7 +160,9 @@ class CheckpointConfig:
     init_from: str | None = field(default=None, **_opt("fresh start from the weights of this checkpoint dir or .safetensors file"))
     overwrite: bool = field(default=False, **_opt("allow a fresh start where checkpoints already exist"))
     async_save: bool = field(default=False, **_opt("write checkpoints in the background"))
-    verify_checksums: bool = field(default=False, **_opt("check sha256 of every file before resuming"))
+    verify_checksums: bool = field(default=True, **_opt("check every file's checksum before resuming (latest/auto "
+                                                        "skip a damaged checkpoint, a named one is refused)"))
+    checksum: str = field(default=DEFAULT_CHECKSUM, **_opt("the manifest's per-file checksum", ALGORITHMS_ACCEPTED))
     allow_config_change: bool = field(default=False, **_opt("resume even if model-shaping fields changed"))
     strict_resume: bool = field(default=False, **_opt("exit 2 when the resume certificate shows that the next step "
                                                       "would differ from the interrupted run's (else a warning)"))
@@ -173,6 +178,7 @@ class CheckpointConfig:
     def validate(self) -> None:
         for name in ("save_every_steps", "save_every_epochs", "keep_last", "keep_best", "keep_every_steps"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "an integer >= 0")
+        check_algorithm(self.checksum)  # one of ALGORITHMS, its package installed
         _check(self.save_every_seconds >= 0, "save_every_seconds", self.save_every_seconds, "a number >= 0")
         _check(self.agree_every_steps >= 1, "agree_every_steps", self.agree_every_steps, "an integer >= 1")
         _check(self.signal_grace_seconds > 0, "signal_grace_seconds", self.signal_grace_seconds, "a number > 0")

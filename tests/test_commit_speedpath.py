@@ -34,18 +34,37 @@ def _prepared(seed: int = 0):
     return accelerator, model, optimizer, scheduler
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def reference_checksum(path: Path, algorithm: str) -> str:
+    """The file's checksum computed in one call by the algorithm's own library (the CONTRACT's hex form)."""
+    data = path.read_bytes()
+    if algorithm == "sha256":
+        return hashlib.sha256(data).hexdigest()
+    if algorithm == "crc32c":
+        import crc32c
+
+        return f"{crc32c.crc32c(data):08x}"
+    if algorithm == "crc64nvme":
+        from awscrt import checksums
+
+        return f"{checksums.crc64nvme(data):016x}"
+    if algorithm == "xxh3_128":
+        import xxhash
+
+        return xxhash.xxh3_128(data).hexdigest()
+    import blake3
+
+    return blake3.blake3(data).hexdigest()
 
 
-def test_write_files_returns_the_size_and_sha256_of_what_is_on_disk(tmp_path):
+@pytest.mark.parametrize("algorithm", ["crc32c", "crc64nvme", "xxh3_128", "blake3", "sha256"])
+def test_write_files_returns_the_size_and_checksum_of_what_is_on_disk(tmp_path, algorithm):
     big = {"w": torch.randn(1024, 1024), "b": torch.arange(10)}  # 4 MB: hashed on the helper thread, in chunks
     digests = write_files(tmp_path, [("model.safetensors", SAFETENSORS, {"w": big["w"]}),
-                                     ("state.bin", TORCH, big), ("note.json", TEXT, '{"a": 1}')])
+                                     ("state.bin", TORCH, big), ("note.json", TEXT, '{"a": 1}')], algorithm)
     assert set(digests) == {"model.safetensors", "state.bin", "note.json"}
     for name, digest in digests.items():
         assert digest.size == (tmp_path / name).stat().st_size
-        assert digest.sha256 == _sha256(tmp_path / name), name
+        assert (digest.algorithm, digest.checksum) == (algorithm, reference_checksum(tmp_path / name, algorithm))
     assert torch.equal(torch.load(tmp_path / "state.bin", weights_only=True)["w"], big["w"])
 
 
@@ -59,12 +78,14 @@ def test_sync_commit_writes_the_files_save_state_writes_and_plain_accelerate_loa
     assert sorted(p.name for p in checkpoint.iterdir()) == sorted(
         [p.name for p in reference.iterdir()] + ["trainer_state.json", MANIFEST])
     # The safetensors file is byte for byte Accelerate's; the torch.save'd ones hold the same state.
-    assert _sha256(checkpoint / "model.safetensors") == _sha256(reference / "model.safetensors")
+    assert (checkpoint / "model.safetensors").read_bytes() == (reference / "model.safetensors").read_bytes()
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
         assert _nested_equal(accelerate_load(checkpoint / name), accelerate_load(reference / name)), name
     manifest = json.loads((checkpoint / MANIFEST).read_text())
     for name, meta in manifest["files"].items():
-        assert meta == {"size": (checkpoint / name).stat().st_size, "sha256": _sha256(checkpoint / name)}, name
+        # the default checksum: CRC32C, 8 hex digits
+        assert meta == {"size": (checkpoint / name).stat().st_size,
+                        "crc32c": reference_checksum(checkpoint / name, "crc32c")}, name
     assert report.bytes == sum(meta["size"] for meta in manifest["files"].values())
     assert verify_checkpoint(checkpoint, checksums=True).ok
 

@@ -124,13 +124,33 @@ def test_explicit_path_that_does_not_exist_exits_2(run_dir, capsys):
     usage_error(code, err, "step_000000999", "does not exist")
 
 
-def test_checksum_damage_is_found_only_with_verify_checksums(run_dir, capsys):
-    file = run_dir / "checkpoints" / "step_000000030" / "model.safetensors"
+@pytest.mark.parametrize("damaged", ["model.safetensors", "optimizer.bin", "random_states_0.pkl",
+                                     "trainer_state.json"])
+def test_a_flipped_byte_in_any_file_is_caught_by_a_default_resume(run_dir, capsys, caplog, damaged):
+    file = run_dir / "checkpoints" / "step_000000030" / damaged
     data = bytearray(file.read_bytes())
-    data[-1] ^= 0xFF  # same size, other content
+    data[len(data) // 2] ^= 0x01  # same size, one bit of other content
     file.write_bytes(bytes(data))
-    code, err = train(capsys, run_dir, "--resume", str(file.parent), "--verify-checksums")
-    usage_error(code, err, "sha256")
+    code, err = train(capsys, run_dir, "--resume", str(file.parent))
+    usage_error(code, err, "step_000000030", damaged, "does not match its crc32c")  # a named one: refused
+    with caplog.at_level(logging.WARNING):
+        code, err = train(capsys, run_dir, "--resume", "latest", "--max-steps", "40")
+    assert code == 0, err
+    assert any("skipping damaged checkpoint step_000000030" in r.getMessage() and damaged in r.getMessage()
+               for r in caplog.records)
+    assert resume_events(run_dir)[-1]["step"] == 20  # the previous complete one of the lineage
+
+
+def test_no_verify_checksums_skips_the_check(run_dir, capsys):
+    file = run_dir / "checkpoints" / "step_000000030" / "scheduler.bin"
+    file.write_bytes(file.read_bytes())  # untouched content: the check is what is skipped, nothing is broken
+    manifest = json.loads((file.parent / "manifest.json").read_text())
+    manifest["files"]["scheduler.bin"]["crc32c"] = "00000000"
+    (file.parent / "manifest.json").write_text(json.dumps(manifest))
+    code, err = train(capsys, run_dir, "--resume", str(file.parent), "--max-steps", "40", "--no-verify-checksums")
+    assert code == 0, err
+    code, err = train(capsys, run_dir, "--resume", str(file.parent), "--max-steps", "40")
+    usage_error(code, err, "scheduler.bin does not match its crc32c")
 
 
 @pytest.mark.parametrize("spec", ["latest", "best"])

@@ -52,7 +52,7 @@ class Commit(Protocol):
     def commit(self, step: int, temp: Path, written: Mapping[str, Any], phases: Phases,
                write_pointers: Callable[[], None]) -> int:
         """Commits what every rank wrote (every rank calls it, inside `phase`s); returns the checkpoint's bytes.
-        `written`: size and sha256 of the files this rank wrote; `write_pointers` updates `latest`/`best`
+        `written`: size and checksum of the files this rank wrote; `write_pointers` updates `latest`/`best`
         (rank 0, once the checkpoint is committed). Every step that can fail runs inside `phases`."""
 
     def discard(self, temp: Path) -> None:

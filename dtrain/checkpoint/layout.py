@@ -6,7 +6,6 @@ Nothing here knows where checkpoints are stored (location.py, storage.py) or how
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -16,6 +15,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from dtrain.checkpoint.writer import FileDigest
+from dtrain.checksum import DEFAULT_CHECKSUM, entry_checksum, file_checksum
 from dtrain.utils import atomic_write_text, fsync_path
 
 FORMAT = "dtrain-checkpoint/1"
@@ -63,16 +64,6 @@ def read_trainer_state(path: Path) -> dict:
     return json.loads((path / TRAINER_STATE).read_text())
 
 
-def _file_digest(path: Path) -> tuple[int, str]:
-    """Size and sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 << 20):
-            digest.update(chunk)
-        size = f.tell()
-    return size, digest.hexdigest()
-
-
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -82,10 +73,11 @@ def checkpoint_files(path: Path) -> list[str]:
     return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
-def write_manifest(path: Path, step: int, written: Mapping[str, Any] | None = None) -> int:
+def write_manifest(path: Path, step: int, written: Mapping[str, Any] | None = None,
+                   algorithm: str = DEFAULT_CHECKSUM) -> int:
     """Writes manifest.json last, after every file is on disk. Returns the total bytes.
 
-    `written` maps names to the size and sha256 (`.size`, `.sha256`) of files that were hashed while they were
+    `written` maps names to the size and checksum (`FileDigest`) of files that were hashed while they were
     written and are already fsynced (dtrain.checkpoint.writer); every other file (another rank's, or one that
     `save_state` wrote) is hashed from the page cache and fsynced here.
     """
@@ -93,25 +85,42 @@ def write_manifest(path: Path, step: int, written: Mapping[str, Any] | None = No
     names = checkpoint_files(path)
     for name in names:
         known = written.get(name)
-        if known is not None and (path / name).stat().st_size != known.size:
-            written.pop(name)  # changed since it was written: hash what is there
-    others = [n for n in names if n not in written]
-    # Flushing to disk and hashing (from the page cache) overlap: the fsyncs wait on the disk, the hashes on
-    # the CPU (hashlib releases the GIL), so the commit costs about the larger of the two, not their sum.
-    with ThreadPoolExecutor(max_workers=min(8, max(2, 2 * len(others)))) as pool:
-        flushed = [pool.submit(_fsync_file, path / n) for n in others]
-        hashed = dict(zip(others, pool.map(lambda n: _file_digest(path / n), others)))
-        for future in flushed:
-            future.result()
-    digests = {n: hashed[n] if n in hashed else (written[n].size, written[n].sha256) for n in names}
-    files = {name: {"size": size, "sha256": sha} for name, (size, sha) in digests.items()}
+        if known is not None and ((path / name).stat().st_size != known.size or known.algorithm != algorithm):
+            written.pop(name)  # changed since it was written (or hashed otherwise): hash what is there
+    written.update(hash_and_sync(path, [n for n in names if n not in written], algorithm))
+    files = {name: {"size": written[name].size, algorithm: written[name].checksum} for name in names}
     manifest = {"format": FORMAT, "step": step, "files": files,
                 "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     atomic_write_text(path / MANIFEST, json.dumps(manifest, indent=1))
     for sub in {(path / n).parent for n in names}:
         fsync_path(sub)
-    return sum(size for size, _ in digests.values())
+    return sum(meta["size"] for meta in files.values())
 
+
+def hash_and_sync(path: Path, names: list[str], algorithm: str) -> dict[str, FileDigest]:
+    """Size and checksum of files someone else wrote (read back from the page cache), each fsynced.
+
+    Flushing to disk and hashing overlap: the fsyncs wait on the disk, the hashes on the CPU (the hash libraries
+    release the GIL), so this costs about the larger of the two, not their sum."""
+    if not names:
+        return {}
+    with ThreadPoolExecutor(max_workers=min(8, max(2, 2 * len(names)))) as pool:
+        flushed = [pool.submit(_fsync_file, path / n) for n in names]
+        hashed = dict(zip(names, pool.map(lambda n: file_checksum(path / n, algorithm), names)))
+        for future in flushed:
+            future.result()
+    return {name: FileDigest(size, value, algorithm) for name, (size, value) in hashed.items()}
+
+
+# Files that one rank writes under its own name (torch.distributed.checkpoint's shards, Accelerate's RNG state,
+# per-rank files of non-DCP sharded saves); every other file of a checkpoint is written by the main process.
+_RANK_FILE = re.compile(r"(?:^|/)(?:__(\d+)_\d+\.distcp|random_states_(\d+)\.pkl|[^/]*_rank(\d+)\.bin)$")
+
+
+def file_owner(name: str) -> int:
+    """The rank that wrote a checkpoint file (by its name): the one that hashes it for the manifest."""
+    match = _RANK_FILE.search(name)
+    return int(next(group for group in match.groups() if group is not None)) if match else 0
 
 @dataclass
 class Verification:
@@ -121,7 +130,8 @@ class Verification:
 
 
 def verify_checkpoint(path: Path, checksums: bool = False) -> Verification:
-    """Checks that every file the manifest lists is there with its size (and sha256 when asked)."""
+    """Checks that every file the manifest lists is there with its size (and its checksum when asked, in the
+    algorithm its manifest entry names: sha256 for manifests of earlier versions)."""
     path = Path(path)
     if not path.is_dir():
         return Verification(False, f"{path} is not a directory")
@@ -144,7 +154,11 @@ def verify_checkpoint(path: Path, checksums: bool = False) -> Verification:
             return Verification(False, f"{name} is missing")
         if size != meta.get("size"):
             return Verification(False, f"{name} has {size} bytes, the manifest says {meta.get('size')}")
-        if checksums and _file_digest(file)[1] != meta.get("sha256"):
-            return Verification(False, f"{name} does not match its sha256 in the manifest")
+        if checksums:
+            listed = entry_checksum(meta)
+            if listed is None:
+                return Verification(False, f"{name} has no checksum in the manifest")
+            if file_checksum(file, listed[0])[1] != listed[1]:
+                return Verification(False, f"{name} does not match its {listed[0]} in the manifest")
         total += size
     return Verification(True, "", total)

@@ -20,9 +20,11 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 
 from dtrain.checkpoint.commit import Phases
-from dtrain.checkpoint.layout import parse_step, step_dir_name, temp_dir_name, write_manifest
+from dtrain.checksum import DEFAULT_CHECKSUM
+from dtrain.checkpoint.layout import (checkpoint_files, file_owner, hash_and_sync, parse_step, step_dir_name,
+                                     temp_dir_name, write_manifest)
 from dtrain.checkpoint.storage import LocalDirectory
-from dtrain.distributed import run_and_agree
+from dtrain.distributed import gather_objects, run_and_agree
 from dtrain.errors import CheckpointError
 from dtrain.utils import fsync_path, remove_tree
 
@@ -41,11 +43,13 @@ class LocalCommit:
 
     stages = STAGES + RESAVE_STAGES
 
-    def __init__(self, storage: LocalDirectory, accelerator: Accelerator, reached: Callable[[str], None]):
+    def __init__(self, storage: LocalDirectory, accelerator: Accelerator, reached: Callable[[str], None],
+                 checksum: str = DEFAULT_CHECKSUM):
         self.storage = storage
         self.dir = storage.dir
         self.accelerator = accelerator
         self._reached = reached
+        self.checksum = checksum  # the manifest's algorithm (checksum.py)
 
     @property
     def is_main(self) -> bool:
@@ -64,13 +68,24 @@ class LocalCommit:
 
     def commit(self, step: int, temp: Path, written: Mapping[str, Any], phases: Phases,
                write_pointers: Callable[[], None]) -> int:
+        # Every rank hashes (and fsyncs) the files it wrote itself, at once, instead of rank 0 reading them all.
+        mine: dict[str, Any] = {}
+        phases(lambda: mine.update(self._hash_own_files(temp, written)))
+        everything: dict[str, Any] = {}
+        for part in gather_objects(mine, phases.group):
+            everything.update(part)
         outcome: dict[str, int] = {}
-        phases(lambda: outcome.update(bytes=self._rename_into_place(step, temp, written, write_pointers)),
+        phases(lambda: outcome.update(bytes=self._rename_into_place(step, temp, everything, write_pointers)),
               self.is_main)
         return outcome.get("bytes", 0)
 
+    def _hash_own_files(self, temp: Path, written: Mapping[str, Any]) -> dict[str, Any]:
+        rank = self.accelerator.process_index
+        own = [name for name in checkpoint_files(temp) if file_owner(name) == rank and name not in written]
+        return {**written, **hash_and_sync(temp, own, self.checksum)}
+
     def _rename_into_place(self, step: int, temp: Path, written: Mapping[str, Any], write_pointers) -> int:
-        total = write_manifest(temp, step, written)
+        total = write_manifest(temp, step, written, self.checksum)
         fsync_path(temp)
         self._reached("manifest_written")
         final = self.dir / step_dir_name(step)

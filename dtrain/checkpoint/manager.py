@@ -29,6 +29,7 @@ from accelerate.logging import get_logger
 
 from dtrain import faults, rng
 from dtrain.checkpoint.background import BackgroundSave
+from dtrain.checksum import DEFAULT_CHECKSUM, check_algorithm
 from dtrain.checkpoint.commit import Commit, Phases, SaveReport
 from dtrain.checkpoint.layout import BEST, LATEST, TRAINER_STATE, parse_step, read_trainer_state, step_dir_name
 from dtrain.checkpoint.lineage import child_ancestry
@@ -49,11 +50,12 @@ logger = get_logger(__name__)
 __all__ = ["CheckpointManager", "SaveReport", "STAGING_DIR"]
 
 
-def open_commit(storage: CheckpointStorage, accelerator: Accelerator, staging: Path, reached) -> Commit:
+def open_commit(storage: CheckpointStorage, accelerator: Accelerator, staging: Path, reached,
+                checksum: str = DEFAULT_CHECKSUM) -> Commit:
     """The Commit for a storage: the rename commit for a directory, manifest-last for an object store."""
     if storage.is_remote:
-        return StoreCommit(storage, accelerator, staging, reached)
-    return LocalCommit(storage, accelerator, reached)
+        return StoreCommit(storage, accelerator, staging, reached, checksum)
+    return LocalCommit(storage, accelerator, reached, checksum)
 
 
 class CheckpointManager:
@@ -61,14 +63,18 @@ class CheckpointManager:
 
     def __init__(self, accelerator: Accelerator, checkpoints_dir: str | Path,
                  policy: RetentionPolicy = RetentionPolicy(), monitor: str = "val_loss",
-                 verify_checksums: bool = False, async_save: bool = False, staging_dir: str | Path | None = None):
+                 verify_checksums: bool = True, async_save: bool = False, staging_dir: str | Path | None = None,
+                 checksum: str = DEFAULT_CHECKSUM):
         """`checkpoints_dir`: a directory, or an object store URI (`s3://bucket/prefix`); then `staging_dir`
         (default `./.staging`) is where each node keeps its local copies while saving and loading."""
         self.accelerator = accelerator
         self.storage = open_storage(checkpoints_dir)
         self.dir: Path | None = None if self.storage.is_remote else self.storage.dir  # the directory, if local
         self.staging = Path(staging_dir or STAGING_DIR)
-        self.commit = open_commit(self.storage, accelerator, self.staging, lambda point: self._reached(point))
+        check_algorithm(checksum)
+        self.checksum = checksum  # the manifest's per-file checksum (checksum.py)
+        self.commit = open_commit(self.storage, accelerator, self.staging, lambda point: self._reached(point),
+                                  checksum)
         self.policy = policy
         self.monitor = monitor
         self.verify_checksums = verify_checksums
@@ -86,7 +92,7 @@ class CheckpointManager:
             logger.warning(f"--async-save is not supported with {accelerator.distributed_type}: saving synchronously")
         self._copier = HostCopier()
         self._background = BackgroundSave()
-        self._written: dict = {}  # name -> size and sha256 of the files this rank wrote for the save in progress
+        self._written: dict = {}  # name -> size and checksum of the files this rank wrote for the save in progress
         # Background threads agree over their own gloo group, never over the training loop's (TorchTitan does
         # the same): collectives of two threads on one group could interleave or deadlock.
         self._side_group = new_side_group() if self.async_save else None
@@ -205,7 +211,7 @@ class CheckpointManager:
             files = snapshot.files()
         if self.is_main:
             files.append((TRAINER_STATE, TEXT, json.dumps(state, indent=1, default=str)))
-        self._written = write_files(temp, files)
+        self._written = write_files(temp, files, self.checksum)
         self._reached("state_written")
 
     def _commit_and_prune(self, step: int, temp: Path, started: float, phases: Phases,
@@ -292,7 +298,7 @@ class CheckpointManager:
 
     def fetch(self, location: CheckpointLocation) -> Path:
         """A checkpoint as a local directory that every rank can load from (call on every rank): a directory as
-        it is; an object-store checkpoint downloaded by each node's first process (sha256 checked)."""
+        it is; an object-store checkpoint downloaded by each node's first process (checksums checked)."""
         if is_uri(location):
             return download_for_node(str(location), self.accelerator, self.staging)
         return local_path(location)

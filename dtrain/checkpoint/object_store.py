@@ -1,7 +1,7 @@
 """Checkpoints in an object store (S3, GCS, MinIO, anything fsspec opens): where bytes go when there is no rename.
 
 A checkpoint is the prefix `step_%09d/` holding the files `Accelerator.save_state` writes. Its `manifest.json`
-(names, sizes, sha256) is uploaded LAST and is the commit: writing one object is atomic, so a prefix without a
+(names, sizes, checksums) is uploaded LAST and is the commit: writing one object is atomic, so a prefix without a
 manifest, or whose objects do not match it, is not a checkpoint. The manifest is written create-only
 (`If-None-Match: *` where the store supports it), so a commit never silently replaces another one.
 
@@ -14,7 +14,6 @@ This module only moves bytes; which rank does what, and when, is the commit prot
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
 
+from dtrain.checksum import DEFAULT_CHECKSUM, entry_checksum, new_hasher
 from dtrain.checkpoint.layout import FORMAT, MANIFEST, TRAINER_STATE, Verification, parse_step
 from dtrain.compat import strip_protocol
 from dtrain.errors import UsageError
@@ -139,7 +139,7 @@ class ObjectStore:
 
     def verify(self, step_name: str, checksums: bool = False) -> Verification:
         """Is this prefix a committed checkpoint: a manifest, and every object it lists with its size (and, when
-        asked, its sha256, which reads every byte)?"""
+        asked, its checksum, which reads every byte)?"""
         try:
             manifest = self.read_manifest(step_name)
         except FileNotFoundError:
@@ -157,12 +157,15 @@ class ObjectStore:
                 return Verification(False, f"{name} has {sizes[name]} bytes, the manifest says {meta.get('size')}")
         if checksums:
             for name, meta in sorted(files.items()):
-                if self._object_sha256(step_name, name) != meta.get("sha256"):
-                    return Verification(False, f"{name} does not match its sha256 in the manifest")
+                listed = entry_checksum(meta)
+                if listed is None:
+                    return Verification(False, f"{name} has no checksum in the manifest")
+                if self._object_checksum(step_name, name, listed[0]) != listed[1]:
+                    return Verification(False, f"{name} does not match its {listed[0]} in the manifest")
         return Verification(True, "", sum(int(meta["size"]) for meta in files.values()))
 
-    def _object_sha256(self, step_name: str, name: str) -> str:
-        digest = hashlib.sha256()
+    def _object_checksum(self, step_name: str, name: str, algorithm: str) -> str:
+        digest = new_hasher(algorithm)
         with self.fs.open(self._path(step_name, name), "rb", block_size=CHUNK) as f:
             while chunk := f.read(CHUNK):
                 digest.update(chunk)
@@ -190,36 +193,39 @@ class ObjectStore:
     # ------------------------------------------------------------------------------------------ writing
 
     def upload(self, local_dir: Path, step_name: str, names: Iterable[str], progress: bool = False,
-               on_file_done: Callable[[str], None] | None = None) -> dict[str, dict]:
+               on_file_done: Callable[[str], None] | None = None,
+               algorithm: str = DEFAULT_CHECKSUM) -> dict[str, dict]:
         """Uploads files of `local_dir` under the checkpoint's prefix, hashing them in the same pass (overwriting
-        whatever an earlier, uncommitted attempt left there). Returns {name: {"size", "sha256"}}."""
+        whatever an earlier, uncommitted attempt left there). Returns {name: {"size", algorithm}}."""
         names = sorted(names)
         total = sum((local_dir / n).stat().st_size for n in names)
         with _progress_bar(total, f"upload {step_name}", progress) as bar, \
                 ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_TRANSFERS, len(names)))) as pool:
             def send(name: str) -> tuple[str, dict]:
-                meta = self._upload_file(local_dir / name, self._path(step_name, name), bar.update)
+                meta = self._upload_file(local_dir / name, self._path(step_name, name), bar.update, algorithm)
                 if on_file_done is not None:
                     on_file_done(name)
                 return name, meta
 
             return dict(pool.map(send, names))
 
-    def _upload_file(self, source: Path, target: str, advance: Callable[[int], object]) -> dict:
+    def _upload_file(self, source: Path, target: str, advance: Callable[[int], object], algorithm: str) -> dict:
         if source.stat().st_size <= WHOLE_FILE_UPLOAD_BYTES:
             # Read once, hash, and hand the bytes to the store's own put (one request, or concurrent parts).
             data = source.read_bytes()
             self.fs.pipe_file(target, data)
             advance(len(data))
-            return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        digest, size = hashlib.sha256(), 0  # too large to hold in memory: stream it, hashing as it goes
+            digest = new_hasher(algorithm)
+            digest.update(data)
+            return {"size": len(data), algorithm: digest.hexdigest()}
+        digest, size = new_hasher(algorithm), 0  # too large to hold in memory: stream it, hashing as it goes
         with open(source, "rb") as src, self.fs.open(target, "wb", block_size=STREAM_PART_BYTES) as dst:
             while chunk := src.read(CHUNK):
                 digest.update(chunk)
                 dst.write(chunk)
                 size += len(chunk)
                 advance(len(chunk))
-        return {"size": size, "sha256": digest.hexdigest()}
+        return {"size": size, algorithm: digest.hexdigest()}
 
     def check_uploaded(self, step_name: str, files: dict[str, dict]) -> None:
         """Raises OSError unless every uploaded file is in the store with the size its uploader measured."""
@@ -270,7 +276,7 @@ class ObjectStore:
     def download(self, step_name: str, dest: Path, want: Callable[[str], bool] = lambda name: True,
                  progress: bool = False) -> Path:
         """Downloads a committed checkpoint's files (those `want` accepts) into `dest`, checking each one's size
-        and sha256 against the manifest; writes the manifest there too. Returns `dest`.
+        and checksum against the manifest; writes the manifest there too. Returns `dest`.
         Raises OSError naming the first file that does not match."""
         manifest = self.read_manifest(step_name)
         files = {name: meta for name, meta in manifest["files"].items() if want(name)}
@@ -288,16 +294,17 @@ class ObjectStore:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         part = target.with_name(f".{target.name}.part")
-        digest, size = hashlib.sha256(), 0
+        algorithm, expected = entry_checksum(meta) or ("sha256", None)
+        digest, size = new_hasher(algorithm), 0
         with self.fs.open(self._path(step_name, name), "rb", block_size=CHUNK) as src, open(part, "wb") as dst:
             while chunk := src.read(CHUNK):
                 digest.update(chunk)
                 dst.write(chunk)
                 size += len(chunk)
                 advance(len(chunk))
-        if size != meta.get("size") or digest.hexdigest() != meta.get("sha256"):
+        if size != meta.get("size") or digest.hexdigest() != expected:
             part.unlink(missing_ok=True)
             raise OSError(f"{self.url(step_name, name)} does not match the manifest "
-                          f"({size} bytes, sha256 {digest.hexdigest()[:12]}...; the manifest says "
-                          f"{meta.get('size')} bytes, {str(meta.get('sha256'))[:12]}...)")
+                          f"({size} bytes, {algorithm} {digest.hexdigest()[:16]}; the manifest says "
+                          f"{meta.get('size')} bytes, {str(expected)[:16]})")
         os.replace(part, target)

@@ -80,7 +80,7 @@ def select_checkpoint(location: str | os.PathLike, which: str | None = None, ver
                       prefer: str = "best") -> CheckpointLocation:
     """A checkpoint as given, or the `best`/`latest` one of a run given by its output dir, checkpoints dir or URI
     (`which=None`: `prefer`, the latest when the run has no best). With `verify`, a checkpoint that is not
-    complete (sizes and sha256) is refused with the reason. Raises UsageError."""
+    complete (sizes and checksums) is refused with the reason. Raises UsageError."""
     if is_one_checkpoint(location):
         if which is not None:
             raise UsageError(f"--which {which} picks a checkpoint of a run; {location} already is one (drop --which)")

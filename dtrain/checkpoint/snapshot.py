@@ -26,6 +26,7 @@ from accelerate.utils import clean_state_dict_for_safetensors
 from dtrain import compat
 from dtrain.checkpoint.sharded import SHARDED_MODEL_PREFIX, SHARDED_OPTIMIZER_PREFIX
 from dtrain.checkpoint.writer import SAFETENSORS, TORCH, FileDigest, write_files
+from dtrain.checksum import DEFAULT_CHECKSUM
 from dtrain.rng import ProcessRNG
 
 
@@ -167,10 +168,10 @@ class Snapshot:
         files.append((f"random_states_{self.process_index}.pkl", TORCH, self.rng))
         return files
 
-    def write(self, directory: Path) -> dict[str, FileDigest]:
+    def write(self, directory: Path, algorithm: str = DEFAULT_CHECKSUM) -> dict[str, FileDigest]:
         """Writes the files `save_state` would write, from this process, in one pass (hashed while written,
-        fsynced); returns their sizes and sha256 for the manifest."""
-        return write_files(directory, self.files())
+        fsynced); returns their sizes and checksums for the manifest."""
+        return write_files(directory, self.files(), algorithm)
 
     def write_sharded(self, directory: Path, process_group) -> None:
         """Writes this rank's shards into the DCP directories (collective over `process_group`: every rank

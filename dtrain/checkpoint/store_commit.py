@@ -4,11 +4,11 @@
      whatever an earlier attempt at step N left in the store
   2. every rank writes its files there (the manager's job)
   3. every rank uploads the files it wrote under `step_N/` (a file several ranks wrote, by the lowest of them),
-     hashing them as they go. Rank 0 gathers every rank's names, sizes and sha256, checks the sizes in the store
+     hashing them as they go. Rank 0 gathers every rank's names, sizes and checksums, checks the sizes in the store
      and writes `manifest.json` LAST, create-only: that single write is the commit. Then the `latest`/`best`
      pointer objects (hints).
 Retention deletes a checkpoint's manifest first, then its other objects (object_store.py). Resume downloads a
-checkpoint to each node's local staging dir, sha256 checked (`download_for_node`).
+checkpoint to each node's local staging dir, checksums checked (`download_for_node`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
+from dtrain.checksum import DEFAULT_CHECKSUM
 from dtrain.checkpoint.commit import Phases
 from dtrain.checkpoint.layout import TRAINER_STATE, step_dir_name
 from dtrain.checkpoint.location import split_checkpoint_uri
@@ -44,11 +45,12 @@ class StoreCommit:
     stages = STAGES
 
     def __init__(self, storage: RemoteStore, accelerator: Accelerator, staging: Path,
-                 reached: Callable[[str], None]):
+                 reached: Callable[[str], None], checksum: str = DEFAULT_CHECKSUM):
         self.storage = storage
         self.accelerator = accelerator
         self.staging = staging
         self._reached = reached
+        self.checksum = checksum  # the manifest's algorithm (checksum.py), computed while uploading
 
     @property
     def is_main(self) -> bool:
@@ -103,7 +105,8 @@ class StoreCommit:
                 started.set()
                 self._reached("upload_started")
 
-        uploaded = self.storage.upload(temp, name, files, progress=self.is_main, on_file_done=file_done)
+        uploaded = self.storage.upload(temp, name, files, progress=self.is_main, on_file_done=file_done,
+                                       algorithm=self.checksum)
         self._reached("uploaded")
         return uploaded
 
@@ -142,7 +145,7 @@ class StoreCommit:
 
 def download_for_node(uri: str, accelerator: Accelerator, staging: Path) -> Path:
     """An object-store checkpoint as a local directory every rank can load from (call on every rank): each node's
-    first process downloads the files its ranks need into its staging dir, every file's sha256 checked against
+    first process downloads the files its ranks need into its staging dir, every file's checksum checked against
     the manifest. Raises UsageError on every rank when any download failed."""
     store, name = split_checkpoint_uri(uri)
     acc = accelerator

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
+
+from dtrain.checksum import DEFAULT_CHECKSUM, new_hasher
 
 CHUNK = 8 << 20  # hash/write/flush granularity: large enough for syscalls to be cheap, small enough to pipeline
 HASH_ON_HELPER = 1 << 20  # smaller chunks are hashed inline: a thread hand-off would cost more than it overlaps
@@ -33,7 +34,8 @@ TEXT = "text"
 @dataclass(frozen=True)
 class FileDigest:
     size: int
-    sha256: str
+    checksum: str  # lowercase hex, in `algorithm` (checksum.py)
+    algorithm: str = DEFAULT_CHECKSUM
 
 
 def _load_sync_file_range():
@@ -61,10 +63,12 @@ class HashingFile:
     the kernel to write back can block while the disk's queue is full.
     """
 
-    def __init__(self, path: Path, hasher: ThreadPoolExecutor, flusher: ThreadPoolExecutor):
+    def __init__(self, path: Path, hasher: ThreadPoolExecutor, flusher: ThreadPoolExecutor,
+                 algorithm: str = DEFAULT_CHECKSUM):
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._sha = hashlib.sha256()
+        self.algorithm = algorithm
+        self._sha = new_hasher(algorithm)
         self._hasher, self._flusher = hasher, flusher
         self.size = 0
         self._flushed_to = 0  # write-back has been asked for up to this offset
@@ -76,7 +80,7 @@ class HashingFile:
             chunk = view[start:start + CHUNK]
             hashing: Future | None = None
             if chunk.nbytes >= HASH_ON_HELPER:
-                hashing = self._hasher.submit(self._sha.update, chunk)  # hashlib releases the GIL
+                hashing = self._hasher.submit(self._sha.update, chunk)  # the hash libraries release the GIL
             else:
                 self._sha.update(chunk)
             written = 0
@@ -95,8 +99,8 @@ class HashingFile:
         pass
 
     def finish(self) -> Future:
-        """Queues the fsync and close after the write-back requests; the future gives size and sha256."""
-        digest = FileDigest(self.size, self._sha.hexdigest())
+        """Queues the fsync and close after the write-back requests; the future gives size and checksum."""
+        digest = FileDigest(self.size, self._sha.hexdigest(), self.algorithm)
         return self._flusher.submit(self._sync_and_close, digest)
 
     def _sync_and_close(self, digest: FileDigest) -> FileDigest:
@@ -110,9 +114,9 @@ class HashingFile:
         return self._flusher.submit(os.close, self._fd)
 
 
-def _digest_and_sync(path: Path) -> FileDigest:
-    """Size and sha256 of a file just written by someone else (read back from the page cache), and fsync."""
-    sha = hashlib.sha256()
+def _digest_and_sync(path: Path, algorithm: str) -> FileDigest:
+    """Size and checksum of a file just written by someone else (read back from the page cache), and fsync."""
+    sha = new_hasher(algorithm)
     buffer = bytearray(CHUNK)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -126,11 +130,12 @@ def _digest_and_sync(path: Path) -> FileDigest:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return FileDigest(size, sha.hexdigest())
+    return FileDigest(size, sha.hexdigest(), algorithm)
 
 
-def write_files(directory: Path, files: Iterable[tuple[str, str, Any]]) -> dict[str, FileDigest]:
-    """Writes each (name, format, object) into `directory` in one pass; returns name -> size and sha256 of
+def write_files(directory: Path, files: Iterable[tuple[str, str, Any]],
+                algorithm: str = DEFAULT_CHECKSUM) -> dict[str, FileDigest]:
+    """Writes each (name, format, object) into `directory` in one pass; returns name -> size and checksum of
     what is now on disk (every file fsynced; the directory itself is not).
 
     `torch.save` and text go through a HashingFile. safetensors' own `save_file` writes tensors straight from
@@ -149,9 +154,9 @@ def write_files(directory: Path, files: Iterable[tuple[str, str, Any]]) -> dict[
                     from safetensors.torch import save_file
 
                     save_file(obj, str(path), metadata={"format": "pt"})  # what Accelerate's save calls
-                    pending[name] = hasher.submit(_digest_and_sync, path)
+                    pending[name] = hasher.submit(_digest_and_sync, path, algorithm)
                     continue
-                file = HashingFile(path, hasher, flusher)
+                file = HashingFile(path, hasher, flusher, algorithm)
                 try:
                     if fmt == TORCH:
                         import torch

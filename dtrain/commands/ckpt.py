@@ -77,6 +77,8 @@ def ckpt_list(args) -> None:
         status = "complete" if r["complete"] else f"DAMAGED: {r['problem']}"
         print(f"{r['name']:<16} {_or_unknown(r['step']):>8} {_or_unknown(r['epoch']):>5} {value:>14} "
               f"{human_size(r['bytes']):>10}  {status} {flags}".rstrip())
+    print("checked: every file's checksum" if args.checksums else
+          "checked: every file's size (--checksums reads every byte and compares checksums)")
     if other_steps:
         print(f"{len(other_steps)} checkpoint(s) belong to another lineage: they were saved after the checkpoint a "
               f"later run resumed from, and latest does not descend from them")
@@ -86,7 +88,7 @@ def ckpt_verify(args) -> int:
     storage, name = storage_and_name(args.path)
     check = storage.verify(name, checksums=True)
     if check.ok:
-        print(f"{args.path}: complete ({human_size(check.bytes)}, every sha256 matches)")
+        print(f"{args.path}: complete ({human_size(check.bytes)}, every checksum matches)")
         return 0
     print(f"{args.path}: NOT a complete checkpoint: {check.reason}")
     return 1
@@ -144,7 +146,7 @@ def ckpt_show(args) -> None:
         return
     pointers = ", ".join(p for p in ("latest", "best") if info[p])
     print(f"checkpoint  {info['path']}" + (f"  ({pointers})" if pointers else ""))
-    status = ("complete" + (" (every sha256 matches)" if info["checksums_checked"] else " (sizes match the manifest)")
+    status = ("complete" + (" (every checksum matches)" if info["checksums_checked"] else " (sizes match the manifest)")
               if info["complete"] else f"NOT complete: {info['problem']}")
     print(f"status      {status}")
     print(f"progress    step {info['step']}, epoch {info['epoch']} (step {info['step_in_epoch']} of the epoch), "

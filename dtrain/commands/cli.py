@@ -55,7 +55,7 @@ def _add_pipeline(commands) -> None:
     how = run.add_mutually_exclusive_group()
     how.add_argument("--resume", action="store_true", help="the default: skip done stages, resume interrupted ones")
     how.add_argument("--skip-done", action="store_true",
-                     help="count a stage as done only if its final checkpoint verifies by sha256")
+                     help="count a stage as done only if its final checkpoint verifies by its checksums")
     how.add_argument("--fresh", action="store_true", help="delete every stage's outputs (asks, or needs --yes) and start over")
     which = run.add_mutually_exclusive_group()
     which.add_argument("--from", dest="from_stage", metavar="STAGE", help="redo STAGE, then continue (dependents rerun)")
@@ -65,7 +65,7 @@ def _add_pipeline(commands) -> None:
     status.add_argument("file", help="pipeline file (YAML)")
     status.add_argument("--output-dir", help="where the stages' folders are (default: the file's output_dir)")
     status.add_argument("--json", action="store_true")
-    status.add_argument("--checksums", action="store_true", help="verify sha256 of the checkpoints, not only sizes")
+    status.add_argument("--checksums", action="store_true", help="verify every checksum of the checkpoints, not only sizes")
 
 
 def _add_ckpt(commands) -> None:
@@ -74,14 +74,14 @@ def _add_ckpt(commands) -> None:
     listing = sub.add_parser("list", help="checkpoints of a run, with status")
     listing.add_argument("output_dir")
     listing.add_argument("--json", action="store_true")
-    listing.add_argument("--checksums", action="store_true", help="also check sha256 of every file")
+    listing.add_argument("--checksums", action="store_true", help="also compare every file's checksum (reads every byte)")
     verify = sub.add_parser("verify", help="exit 0 if a checkpoint is complete, 1 with the reason if not")
     verify.add_argument("path")
     show = sub.add_parser("show", help="step, metrics, config, files and how a checkpoint was written")
     show.add_argument("path", help="a checkpoint dir, or a run's output dir (then --which)")
     show.add_argument("--which", choices=("latest", "best"), help="for an output dir (default: latest)")
     show.add_argument("--json", action="store_true")
-    show.add_argument("--checksums", action="store_true", help="verify sha256 of every file, not only sizes")
+    show.add_argument("--checksums", action="store_true", help="verify every file's checksum, not only sizes")
     prune = sub.add_parser("prune", help="delete checkpoints with the training retention policy, and those of "
                                          "other lineages (saved after the checkpoint a later run resumed from)")
     prune.add_argument("output_dir")

@@ -108,6 +108,7 @@ class Trainer:
             acc, run_checkpoints(self.output_dir, ckpt.checkpoint_dir),
             RetentionPolicy(ckpt.keep_last, ckpt.keep_best, ckpt.keep_every_steps, cfg.eval.mode),
             monitor=cfg.eval.monitor, verify_checksums=ckpt.verify_checksums, async_save=ckpt.async_save,
+            checksum=ckpt.checksum,
             staging_dir=self.output_dir / STAGING_DIR)
         self.interrupts = InterruptHandler(exit_grace_seconds=ckpt.signal_grace_seconds)
         self.resume_command = resume_command  # printed after an interrupt; default: set at start from argv
