@@ -152,7 +152,7 @@ def test_a_damaged_newest_is_skipped_with_a_warning(s3_bucket, tmp_path, straigh
     assert same_tensors(store_weights(store, "step_000000030"), straight_30)
 
 
-def test_a_checksum_mismatch_found_while_downloading_refuses_the_resume(s3_bucket, tmp_path, capsys):
+def test_a_checksum_mismatch_in_the_store_refuses_the_resume_before_or_while_downloading(s3_bucket, tmp_path, capsys):
     uri, out = f"{s3_bucket}/run", tmp_path / "run"
     assert train_in_process(*ARGS, "--max-steps", "10", "--output-dir", str(out), "--checkpoint-dir", uri) == 0
     store = ObjectStore(uri)
@@ -161,7 +161,11 @@ def test_a_checksum_mismatch_found_while_downloading_refuses_the_resume(s3_bucke
     store.fs.pipe_file(store._path("step_000000010", "optimizer.bin"), bytes(data))  # same size, other bytes
     capsys.readouterr()
     assert train_in_process(*ARGS, "--max-steps", "10", "--output-dir", str(out), "--checkpoint-dir", uri,
-                            "--resume", "latest") == 2
+                            "--resume", "latest") == 2  # found before anything is loaded (checked by default)
+    assert "step_000000010: optimizer.bin does not match its crc32c in the manifest" in capsys.readouterr().err
+    # Without that check, the download still compares every file with the manifest.
+    assert train_in_process(*ARGS, "--max-steps", "10", "--output-dir", str(out), "--checkpoint-dir", uri,
+                            "--resume", "latest", "--no-verify-checksums") == 2
     assert "optimizer.bin does not match the manifest" in capsys.readouterr().err
     assert store.verify("step_000000010").ok, "nothing was deleted"
 
