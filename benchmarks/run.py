@@ -5,8 +5,8 @@
     python benchmarks/run.py --gpu      # also repeats the loop and checkpoint benchmarks on the GPU, if any
 
 Each benchmark runs in its own Python process (bench_loop.py, bench_checkpoint.py, bench_resume.py,
-bench_startup.py, bench_goodput.py; each also runs alone), so one cannot disturb another's state (Accelerate's
-singletons, allocator, page cache pressure).
+bench_startup.py, bench_goodput.py, bench_sharded.py, which starts 2 ranks of its own; each also runs alone), so
+one cannot disturb another's state (Accelerate's singletons, allocator, page cache pressure).
 Every table compares both sides measured in the same process, alternating, as medians of several repeats.
 """
 
@@ -33,13 +33,19 @@ GOALS = [("loop_overhead_ratio", ">=", 0.98, "dtrain loop steps/s / plain Accele
          ("resume_skip_ratio", "<=", 1.10, "time to first batch deep in an epoch / at its start"),
          ("resume_startup_ratio", "<=", 1.30, "process start -> first step, resuming / fresh"),
          ("goodput_ratio", ">=", 0.80, "steps kept / (clean steps/s x wall time) under kill -9"),
-         ("stream_state_vs_start_ratio", "<=", 1.5, "stream: first batch 90% in from its state / at its start")]
+         ("stream_state_vs_start_ratio", "<=", 1.5, "stream: first batch 90% in from its state / at its start"),
+         ("sharded_save_vs_full_ratio", ">=", 1.0, "FSDP2 sharded commit MB/s / full-state (DDP) commit MB/s, 2 ranks"),
+         ("sharded_save_peak_memory_ratio", "<=", 0.6,
+          "rank 0's extra peak RSS in a sharded save / full state bytes (params + AdamW)")]
 # Printed beside the goals, for reference (no goal of their own).
 REFERENCE = [("sync_save_vs_raw_ratio", "sync_save_ceiling_ratio",
               "dtrain sync commit MB/s / plain save into the page cache MB/s (ceiling: disk / plain save)"),
              ("checkpoint_overhead_sync_ratio", None, "steps/s saving (sync) every 20 steps / never saving"),
-             ("goodput_plain_accelerate", None, "goodput of a plain Accelerate loop under the same kills")]
-SCRIPTS = ("bench_loop.py", "bench_checkpoint.py", "bench_resume.py", "bench_startup.py", "bench_goodput.py")
+             ("goodput_plain_accelerate", None, "goodput of a plain Accelerate loop under the same kills"),
+             ("sharded_full_save_peak_memory_ratio", None,
+              "rank 0's extra peak RSS in a full-state (DDP) save / full state bytes")]
+SCRIPTS = ("bench_loop.py", "bench_checkpoint.py", "bench_resume.py", "bench_startup.py", "bench_goodput.py",
+           "bench_sharded.py")
 GPU_SCRIPTS = ("bench_loop.py", "bench_checkpoint.py")  # the others measure the host side: no GPU part
 
 
