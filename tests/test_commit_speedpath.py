@@ -156,3 +156,17 @@ def test_a_file_changed_after_it_was_hashed_is_hashed_again_from_disk(tmp_path, 
     path = tmp_path / "checkpoints" / "step_000000005"
     assert verify_checkpoint(path, checksums=True).ok
     assert report is None or report.step == 5
+
+
+def test_a_staging_copy_for_an_upload_is_not_fsynced_and_a_local_checkpoint_is(tmp_path, monkeypatch):
+    import dtrain.checkpoint.writer as writer_module
+
+    synced = []
+    monkeypatch.setattr(writer_module.os, "fsync", lambda fd: synced.append(fd))
+    files = [("model.safetensors", SAFETENSORS, {"w": torch.randn(64, 64)}), ("state.bin", TORCH, {"a": 1})]
+    (tmp_path / "a").mkdir()
+    write_files(tmp_path / "a", files, fsync=False)
+    assert synced == []  # the upload, then the manifest in the store, is what makes it durable
+    (tmp_path / "b").mkdir()
+    write_files(tmp_path / "b", files)
+    assert len(synced) == 2

@@ -216,3 +216,37 @@ def test_the_start_up_check_is_about_what_every_node_must_share(tmp_path):
     assert directory_every_node_must_see(out, out / "checkpoints") == out.absolute()  # the default
     assert directory_every_node_must_see(out, tmp_path / "shared" / "ckpts") == (tmp_path / "shared" / "ckpts")
     assert directory_every_node_must_see(out, None) is None  # an object store: nothing local is shared
+
+
+# ------------------------------------------------------------------------------------- the store's checksums
+
+def test_s3_keeps_dtrains_crc32c_and_verify_compares_it_without_downloading(s3_bucket, tmp_path, monkeypatch):
+    import base64
+
+    import crc32c
+
+    store = ObjectStore(f"{s3_bucket}/native")
+    files = commit_checkpoint(store, tmp_path / "staging")
+    bucket, key, _ = store.fs.split_path(store._path("step_000000010", "model.safetensors"))
+    head = store.fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    # moto accepts any precomputed value, so the test checks what the store kept: dtrain's, of the right bytes
+    assert base64.b64decode(head["ChecksumCRC32C"]).hex() == f"{crc32c.crc32c(files['model.safetensors']):08x}"
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("verify read an object whose checksum the store keeps")
+
+    monkeypatch.setattr(store, "_object_checksum", no_reading)
+    assert store.verify("step_000000010", checksums=True).ok
+    # An object replaced behind dtrain's back has no CRC32C of dtrain's: it is read, and the change found.
+    monkeypatch.undo()
+    flipped = bytes([files["optimizer.bin"][0] ^ 1]) + files["optimizer.bin"][1:]
+    store.fs.pipe_file(store._path("step_000000010", "optimizer.bin"), flipped)
+    assert "optimizer.bin does not match its crc32c" in store.verify("step_000000010", checksums=True).reason
+
+
+def test_checksums_only_when_required_sends_none_to_the_store(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+    store = ObjectStore(f"{s3_bucket}/plain")
+    commit_checkpoint(store, tmp_path / "staging")
+    assert store.stored_checksum("step_000000010", "model.safetensors", "crc32c") is None
+    assert store.verify("step_000000010", checksums=True).ok  # read back and compared instead

@@ -42,6 +42,7 @@ class Phases:
 class Commit(Protocol):
     storage: CheckpointStorage
     stages: tuple[str, ...]  # the points of a save where tests inject faults (dtrain/faults.py), in order
+    durable_staging: bool  # whether the staging files must reach the disk (False: a copy on its way elsewhere)
 
     def staging_dir(self, step: int) -> Path:
         """Where this rank writes the files of the checkpoint of `step`."""

@@ -42,6 +42,7 @@ class LocalCommit:
     """The rename commit into `storage.dir` (see the module docstring)."""
 
     stages = STAGES + RESAVE_STAGES
+    durable_staging = True  # the staging dir becomes the checkpoint
 
     def __init__(self, storage: LocalDirectory, accelerator: Accelerator, reached: Callable[[str], None],
                  checksum: str = DEFAULT_CHECKSUM):

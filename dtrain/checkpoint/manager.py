@@ -211,7 +211,7 @@ class CheckpointManager:
             files = snapshot.files()
         if self.is_main:
             files.append((TRAINER_STATE, TEXT, json.dumps(state, indent=1, default=str)))
-        self._written = write_files(temp, files, self.checksum)
+        self._written = write_files(temp, files, self.checksum, fsync=self.commit.durable_staging)
         self._reached("state_written")
 
     def _commit_and_prune(self, step: int, temp: Path, started: float, phases: Phases,

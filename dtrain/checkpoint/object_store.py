@@ -14,6 +14,7 @@ This module only moves bytes; which rank does what, and when, is the commit prot
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -30,6 +31,8 @@ from dtrain.errors import UsageError
 CHUNK = 8 << 20  # bytes read/written per call while streaming (and hashing) a file
 PARALLEL_TRANSFERS = 4  # files moved at the same time by one process
 PROGRESS_MIN_BYTES = 256 << 20  # transfers at least this large show a progress bar (on the main process)
+# The checksums S3 keeps natively, and the PutObject/HeadObject field of each (base64 of the big-endian bytes).
+S3_CHECKSUM_FIELDS = {"crc32c": "ChecksumCRC32C", "crc64nvme": "ChecksumCRC64NVME", "sha256": "ChecksumSHA256"}
 WHOLE_FILE_UPLOAD_BYTES = 256 << 20  # files up to this size are uploaded from memory in one call
 STREAM_PART_BYTES = 64 << 20  # the part size of larger files, streamed (a multipart upload)
 
@@ -160,9 +163,41 @@ class ObjectStore:
                 listed = entry_checksum(meta)
                 if listed is None:
                     return Verification(False, f"{name} has no checksum in the manifest")
-                if self._object_checksum(step_name, name, listed[0]) != listed[1]:
+                found = self.stored_checksum(step_name, name, listed[0])  # the store's own, if it keeps one
+                if found is None:
+                    found = self._object_checksum(step_name, name, listed[0])  # else: read every byte
+                if found != listed[1]:
                     return Verification(False, f"{name} does not match its {listed[0]} in the manifest")
         return Verification(True, "", sum(int(meta["size"]) for meta in files.values()))
+
+    @property
+    def _is_s3(self) -> bool:
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
+        return "s3" in protocols
+
+    def _checksum_for_store(self, algorithm: str, value: str) -> dict[str, str]:
+        """PutObject's checksum argument for an S3 store that keeps this algorithm; none elsewhere, or when
+        botocore is told to send checksums only where required (S3-compatible stores without them)."""
+        if not self._is_s3 or algorithm not in S3_CHECKSUM_FIELDS or _checksums_only_when_required():
+            return {}
+        return {"ChecksumAlgorithm": algorithm.upper(),
+                S3_CHECKSUM_FIELDS[algorithm]: base64.b64encode(bytes.fromhex(value)).decode()}
+
+    def stored_checksum(self, step_name: str, name: str, algorithm: str) -> str | None:
+        """The whole-object checksum the store keeps for an object in `algorithm` (lowercase hex), read with
+        HeadObject, without downloading; None where the store keeps none in that algorithm (another algorithm,
+        a per-part checksum of a multipart upload, a store that is not S3)."""
+        if not self._is_s3 or algorithm not in S3_CHECKSUM_FIELDS:
+            return None
+        bucket, key, _ = self.fs.split_path(self._path(step_name, name))
+        try:
+            head = self.fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        except Exception:  # noqa: BLE001 - the store cannot say: read the object instead
+            return None
+        value = head.get(S3_CHECKSUM_FIELDS[algorithm])
+        if not value or head.get("ChecksumType") == "COMPOSITE" or "-" in value:
+            return None
+        return base64.b64decode(value).hex()
 
     def _object_checksum(self, step_name: str, name: str, algorithm: str) -> str:
         digest = new_hasher(algorithm)
@@ -213,11 +248,17 @@ class ObjectStore:
         if source.stat().st_size <= WHOLE_FILE_UPLOAD_BYTES:
             # Read once, hash, and hand the bytes to the store's own put (one request, or concurrent parts).
             data = source.read_bytes()
-            self.fs.pipe_file(target, data)
-            advance(len(data))
             digest = new_hasher(algorithm)
             digest.update(data)
-            return {"size": len(data), algorithm: digest.hexdigest()}
+            value = digest.hexdigest()
+            # The store checks the body against dtrain's checksum and refuses a corrupted upload; it keeps it.
+            checksum = self._checksum_for_store(algorithm, value)
+            if checksum:  # one PutObject (s3fs would split a large body into parts, which take no such checksum)
+                self.fs.pipe_file(target, data, chunksize=WHOLE_FILE_UPLOAD_BYTES, **checksum)
+            else:
+                self.fs.pipe_file(target, data)
+            advance(len(data))
+            return {"size": len(data), algorithm: value}
         digest, size = new_hasher(algorithm), 0  # too large to hold in memory: stream it, hashing as it goes
         with open(source, "rb") as src, self.fs.open(target, "wb", block_size=STREAM_PART_BYTES) as dst:
             while chunk := src.read(CHUNK):
@@ -308,3 +349,9 @@ class ObjectStore:
                           f"({size} bytes, {algorithm} {digest.hexdigest()[:16]}; the manifest says "
                           f"{meta.get('size')} bytes, {str(expected)[:16]})")
         os.replace(part, target)
+
+
+def _checksums_only_when_required() -> bool:
+    """botocore's switch for S3-compatible stores that do not support checksums (older MinIO, Ceph):
+    AWS_REQUEST_CHECKSUM_CALCULATION=when_required in the environment, which botocore reads too."""
+    return os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "").lower() == "when_required"

@@ -43,6 +43,7 @@ class StoreCommit:
     """The manifest-last commit into an object store (see the module docstring)."""
 
     stages = STAGES
+    durable_staging = False  # the local copy only feeds the upload: the manifest in the store is the commit
 
     def __init__(self, storage: RemoteStore, accelerator: Accelerator, staging: Path,
                  reached: Callable[[str], None], checksum: str = DEFAULT_CHECKSUM):

@@ -64,10 +64,11 @@ class HashingFile:
     """
 
     def __init__(self, path: Path, hasher: ThreadPoolExecutor, flusher: ThreadPoolExecutor,
-                 algorithm: str = DEFAULT_CHECKSUM):
+                 algorithm: str = DEFAULT_CHECKSUM, fsync: bool = True):
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.algorithm = algorithm
+        self._fsync = fsync  # False: no write-back requests, no fsync (a staging copy for an upload)
         self._sha = new_hasher(algorithm)
         self._hasher, self._flusher = hasher, flusher
         self.size = 0
@@ -89,7 +90,7 @@ class HashingFile:
             if hashing is not None:
                 hashing.result()
             self.size += chunk.nbytes
-            if _sync_file_range is not None and self.size - self._flushed_to >= CHUNK:
+            if self._fsync and _sync_file_range is not None and self.size - self._flushed_to >= CHUNK:
                 self._flusher.submit(_sync_file_range, self._fd, self._flushed_to, self.size - self._flushed_to,
                                      _SYNC_FILE_RANGE_WRITE)
                 self._flushed_to = self.size
@@ -105,7 +106,8 @@ class HashingFile:
 
     def _sync_and_close(self, digest: FileDigest) -> FileDigest:
         try:
-            os.fsync(self._fd)
+            if self._fsync:
+                os.fsync(self._fd)
         finally:
             os.close(self._fd)
         return digest
@@ -114,29 +116,30 @@ class HashingFile:
         return self._flusher.submit(os.close, self._fd)
 
 
-def _digest_and_sync(path: Path, algorithm: str) -> FileDigest:
+def _digest_and_sync(path: Path, algorithm: str, fsync: bool = True) -> FileDigest:
     """Size and checksum of a file just written by someone else (read back from the page cache), and fsync."""
     sha = new_hasher(algorithm)
     buffer = bytearray(CHUNK)
     fd = os.open(path, os.O_RDONLY)
     try:
-        if _sync_file_range is not None:  # start the write-back of all of it before hashing it
+        if fsync and _sync_file_range is not None:  # start the write-back of all of it before hashing it
             _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
         size = 0
         with open(fd, "rb", buffering=0, closefd=False) as f:
             while n := f.readinto(buffer):
                 sha.update(memoryview(buffer)[:n])
                 size += n
-        os.fsync(fd)
+        if fsync:
+            os.fsync(fd)
     finally:
         os.close(fd)
     return FileDigest(size, sha.hexdigest(), algorithm)
 
 
 def write_files(directory: Path, files: Iterable[tuple[str, str, Any]],
-                algorithm: str = DEFAULT_CHECKSUM) -> dict[str, FileDigest]:
+                algorithm: str = DEFAULT_CHECKSUM, fsync: bool = True) -> dict[str, FileDigest]:
     """Writes each (name, format, object) into `directory` in one pass; returns name -> size and checksum of
-    what is now on disk (every file fsynced; the directory itself is not).
+    what is now on disk (every file fsynced unless `fsync` is False; the directory itself is not).
 
     `torch.save` and text go through a HashingFile. safetensors' own `save_file` writes tensors straight from
     their memory (its in-memory `save` would copy them twice), so that file is hashed back from the page cache
@@ -154,9 +157,9 @@ def write_files(directory: Path, files: Iterable[tuple[str, str, Any]],
                     from safetensors.torch import save_file
 
                     save_file(obj, str(path), metadata={"format": "pt"})  # what Accelerate's save calls
-                    pending[name] = hasher.submit(_digest_and_sync, path, algorithm)
+                    pending[name] = hasher.submit(_digest_and_sync, path, algorithm, fsync)
                     continue
-                file = HashingFile(path, hasher, flusher, algorithm)
+                file = HashingFile(path, hasher, flusher, algorithm, fsync)
                 try:
                     if fmt == TORCH:
                         import torch
