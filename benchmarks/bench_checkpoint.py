@@ -53,8 +53,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _util  # noqa: E402  (puts the repository on sys.path)
 
 FULL = dict(width=2048, layers=3, repeats=9,  # 12.6M parameters: 50 MB of weights + 100 MB of AdamW moments
-            overhead_steps=60, overhead_repeats=3)
-QUICK = dict(width=256, layers=2, repeats=2, overhead_steps=20, overhead_repeats=1)
+            overhead_steps=60, overhead_repeats=3, large_width=4096, large_layers=6, large_repeats=3)
+# large_*: 101M parameters, 1.2 GB of weights and moments (the `_1g` keys)
+QUICK = dict(width=256, layers=2, repeats=2, overhead_steps=20, overhead_repeats=1, large_width=512,
+             large_layers=2, large_repeats=1)
 SAVE_EVERY = 20
 MB = 1e6
 
@@ -133,7 +135,8 @@ class Sides:
         started = time.perf_counter()
         report = self.sync_manager.save(self.step, self.trainer_state(), None)
         seconds = time.perf_counter() - started
-        return {"seconds": seconds, "bytes": report.bytes, "reported_blocking": report.blocking_seconds}
+        return {"seconds": seconds, "bytes": report.bytes, "reported_blocking": report.blocking_seconds,
+                "path": report.path}
 
     def dtrain_async(self) -> dict:
         self.step += 1
@@ -252,6 +255,73 @@ class Sides:
         os.sync()
 
 
+def read_files(path: Path) -> int:
+    """Reads every byte of the files under `path` (what a verification must read at least); returns the bytes."""
+    total, buffer = 0, bytearray(8 << 20)
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb", buffering=0) as stream:
+            while n := stream.readinto(buffer):
+                total += n
+    return total
+
+
+def verify_rows(sides: Sides, repeats: int) -> dict:
+    """verify_vs_read_ratio: `dtrain ckpt verify` (every checksum) of a committed checkpoint against a plain read
+    of its files, both from the page cache (what a resume right after a save, or a second verify, reads)."""
+    from dtrain.checkpoint.layout import verify_checkpoint
+
+    checkpoint = sides.dtrain_sync()["path"]
+    read_files(checkpoint)  # untimed: into the page cache
+
+    def timed(run) -> dict:
+        started = time.perf_counter()
+        total = run()
+        return {"seconds": time.perf_counter() - started, "bytes": total}
+
+    def verify() -> int:
+        check = verify_checkpoint(checkpoint, checksums=True)
+        assert check.ok, check.reason
+        return check.bytes
+
+    runs = _util.alternate([("verify (checksums)", lambda: timed(verify)),
+                            ("plain read", lambda: timed(lambda: read_files(checkpoint)))], repeats)
+    rate = {name: _util.median(r["bytes"] / r["seconds"] for r in rs) for name, rs in runs.items()}
+    ratio = _util.ratio(rate["verify (checksums)"], rate["plain read"])
+    print(_util.table("verifying a checkpoint", ["side", "MB/s", "spread"],
+                      [[name, rate[name] / MB, _util.spread([r["bytes"] / r["seconds"] / MB for r in rs])]
+                       for name, rs in runs.items()],
+                      [f"verify_vs_read_ratio (goal >= 0.80) = verify / plain read = {_util.fmt(ratio)}"]))
+    return {"verify_vs_read_ratio": ratio, "ckpt_verify_mb_per_s": rate["verify (checksums)"] / MB,
+            "ckpt_read_mb_per_s": rate["plain read"] / MB}
+
+
+def large_rows(spec: dict, device: str, root: Path) -> dict:
+    """The two commit ratios again at about 1.2 GB (the `_1g` keys): the gap a slow checksum opened grew with
+    the checkpoint's size."""
+    large = {**spec, "width": spec["large_width"], "layers": spec["large_layers"]}
+    sides = Sides(root / "large", large, device)
+    named = [("dtrain sync commit", sides.dtrain_sync), ("plain save + fsync", sides.plain_fsync),
+             ("disk write + fsync", sides.disk)]
+    for _, run in named:
+        sides.clean()
+        run()
+    runs = _util.alternate(named, spec["large_repeats"], between=sides.clean)
+    sides.clean()
+    rate = {name: _util.median(r["bytes"] / r["seconds"] for r in rs) for name, rs in runs.items()}
+    state_mb = runs["plain save + fsync"][0]["bytes"] / MB
+    fsync_ratio = _util.ratio(rate["dtrain sync commit"], rate["plain save + fsync"])
+    disk_ratio = _util.ratio(rate["dtrain sync commit"], rate["disk write + fsync"])
+    print(_util.table(f"committing {state_mb:.0f} MB", ["side", "MB/s", "spread"],
+                      [[name, rate[name] / MB, _util.spread([r["bytes"] / r["seconds"] / MB for r in rs])]
+                       for name, rs in runs.items()],
+                      [f"sync_save_vs_raw_fsync_ratio_1g (goal >= 0.97) = {_util.fmt(fsync_ratio)}",
+                       f"sync_save_vs_disk_ratio_1g (goal >= 0.80) = {_util.fmt(disk_ratio)}"]))
+    del sides
+    gc.collect()
+    return {"sync_save_vs_raw_fsync_ratio_1g": fsync_ratio, "sync_save_vs_disk_ratio_1g": disk_ratio,
+            "ckpt_large_state_mb": round(state_mb, 1)}
+
+
 def object_store_rows(spec: dict, device: str, root: Path) -> dict:
     """The same state committed to an S3 store (moto on loopback) vs a plain upload of the same files: what the
     object-store commit (staging, sha256 while uploading, size check, manifest last, pointers) costs on top of
@@ -354,7 +424,10 @@ def main(argv: list[str] | None = None) -> dict:
         sides.training_run(None, min(steps, 5))  # untimed warm-up of the training path
         runs.update(_util.alternate(trainings, spec["overhead_repeats"], between=sides.clean))
         sides.clean()
+        verified = verify_rows(sides, spec["repeats"])
+        sides.clean()
         store = object_store_rows(spec, args.device, root)
+        large = large_rows(spec, args.device, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -448,7 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
             "ckpt_sync_blocking_s": med("dtrain sync commit"),
             "ckpt_async_blocking_s": med("dtrain async commit") if async_ratio is not None else None,
             "ckpt_async_total_s": med("dtrain async commit", "total_seconds") if async_ratio is not None else None,
-            "ckpt_repeats": spec["repeats"], "device": args.device, **store}
+            "ckpt_repeats": spec["repeats"], "device": args.device, **store, **verified, **large}
 
 
 if __name__ == "__main__":

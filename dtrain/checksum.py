@@ -13,7 +13,9 @@ guard against someone who can rewrite the manifest too (it is not a signature).
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+import stat
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -89,10 +91,22 @@ def entry_checksum(meta: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def file_checksum(path: Path, algorithm: str) -> tuple[int, str]:
-    """Size and checksum of a file, read in chunks."""
+    """Size and checksum of a file. A regular file is hashed through a read-only memory map: from the page cache
+    that runs at the speed of the checksum (about twice that of reading into a buffer, then hashing it).
+    Checkpoint files are never rewritten in place (a file truncated while mapped would end the process)."""
     hasher, size = new_hasher(algorithm), 0
     with open(path, "rb", buffering=0) as stream:
-        buffer = bytearray(max(1, min(CHUNK, os.fstat(stream.fileno()).st_size)))  # small files: small buffers
+        info = os.fstat(stream.fileno())
+        if stat.S_ISREG(info.st_mode) and info.st_size > 0:
+            with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                view = memoryview(mapped)
+                try:
+                    for start in range(0, len(mapped), CHUNK):
+                        hasher.update(view[start:start + CHUNK])
+                finally:
+                    view.release()
+                return len(mapped), hasher.hexdigest()
+        buffer = bytearray(CHUNK)
         view = memoryview(buffer)
         while True:
             n = stream.readinto(buffer)
@@ -101,5 +115,3 @@ def file_checksum(path: Path, algorithm: str) -> tuple[int, str]:
             hasher.update(view[:n])
             size += n
     return size, hasher.hexdigest()
-
-
