@@ -203,10 +203,11 @@ def run_interleaved(spec: dict, device: str, workdir: Path) -> dict:
     spent = {"dtrain": [0.0, 0.0], "plain": [0.0, 0.0]}  # wall seconds, CPU seconds
     mark: list[float] = []
     original = trainer._after_optimizer_step
+    state = trainer.state  # not `trainer`: the hook must not keep the Trainer alive after `del trainer`
 
     def take_turns(epoch_done):
         original(epoch_done)
-        step = trainer.state.global_step
+        step = state.global_step
         if step < warmup or (step - warmup) % chunk:
             return
         _util.synchronize(device)

@@ -5,7 +5,6 @@ Each behaviour runs against fsspec's in-memory store and against S3 as served by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from pathlib import Path
