@@ -119,6 +119,10 @@ def build_parser() -> DtrainArgumentParser:
                           help="stop after N batches (default: the whole eval split)")
     evaluate.add_argument("--batch-size", type=_positive, metavar="N", help="default: the run's")
     evaluate.add_argument("--data", metavar="PATH", help="evaluate on other data (task input, as --data of train)")
+    evaluate.add_argument("--task", metavar="NAME|pkg.mod:fn",
+                          help="the task to rebuild (default: the checkpoint's, if it is built in)")
+    evaluate.add_argument("--trust-task", action="store_true",
+                          help="import the user task the checkpoint names (not searched in the working directory)")
     plot = commands.add_parser("plot", help="training/eval curves of a run as a PNG (needs dtrain[plot])")
     plot.add_argument("output_dir")
     plot.add_argument("--out", metavar="FILE.png", help="default: OUTPUT_DIR/metrics.png")

@@ -1,7 +1,8 @@
 """`dtrain eval`: evaluates a checkpoint on its task's eval split, on the CPU in one process.
 
 The task is rebuilt from the config saved in the checkpoint, so the evaluation sees the same model shape and
-data as training. Metrics are the task's `evaluate` sums divided by the sample count, as in training (but over
+data as training. A user task recorded there is imported only when the command line names it (`--task`) or
+trusts the recorded name (`--trust-task`): whoever wrote the checkpoint chose that name. Metrics are the task's `evaluate` sums divided by the sample count, as in training (but over
 the whole eval split unless `--max-batches` says otherwise). A task with a sampler (charlm) also generates a
 sample, seeded as the trainer seeds it at that step.
 """
@@ -21,12 +22,14 @@ from dtrain.errors import UsageError
 
 
 def evaluate_checkpoint(checkpoint: Path, max_batches: int = 0, batch_size: int | None = None,
-                        data: str | None = None) -> dict[str, Any]:
+                        data: str | None = None, task_name: str | None = None,
+                        trust_task: bool = False) -> dict[str, Any]:
+    """`task_name`: the command line's --task; `trust_task`: --trust-task (see dtrain.tasks.task_recorded_in)."""
     import torch
     from torch.utils.data import DataLoader
 
     from dtrain.config import config_from_dict
-    from dtrain.tasks import build_task
+    from dtrain.tasks import build_task, task_recorded_in
     from dtrain.tasks.base import evaluation_sums, metrics_from_sums
     from dtrain.weights import load_weights
 
@@ -36,7 +39,8 @@ def evaluate_checkpoint(checkpoint: Path, max_batches: int = 0, batch_size: int 
     config = config_from_dict(state["config"])
     if data is not None:
         config.task.data = data
-    task = build_task(config.task, config.train.seed)
+    config.task.task, search_working_dir = task_recorded_in(str(checkpoint), config.task.task, task_name, trust_task)
+    task = build_task(config.task, config.train.seed, search_working_dir)
     if task.eval_data is None:
         raise UsageError(f"task {task.name!r} has no eval split")
     if not (checkpoint / "model.safetensors").is_file() and not is_sharded(checkpoint):
@@ -65,7 +69,7 @@ def evaluate_checkpoint(checkpoint: Path, max_batches: int = 0, batch_size: int 
 def eval_command(args) -> None:
     checkpoint = select_checkpoint(args.path, args.which)
     with local_copy(checkpoint) as local:
-        result = evaluate_checkpoint(local, args.max_batches, args.batch_size, args.data)
+        result = evaluate_checkpoint(local, args.max_batches, args.batch_size, args.data, args.task, args.trust_task)
         result["checkpoint"] = str(checkpoint)
     if args.json:
         print(json.dumps(result, indent=1))

@@ -66,17 +66,27 @@ def read_export_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_exported(path: str | Path):
-    """Rebuilds the task's model from the exported config and loads the weights. Returns (model, config)."""
+def load_exported(path: str | Path, task: str | None = None, trust_task: bool = False):
+    """Rebuilds the task's model from the exported config and loads the weights. Returns (model, config).
+
+    A built-in task recorded in the file is rebuilt as it is; a user task only when `task` names it (imported as
+    `--task` does) or `trust_task` accepts the recorded name: the file's metadata is not trusted to pick code."""
     from dtrain.config import config_from_dict
-    from dtrain.tasks import build_task
+    from dtrain.tasks import build_task, task_recorded_in
     from dtrain.weights import load_weights
 
     metadata = read_export_metadata(path)
     if metadata.get("format") != EXPORT_FORMAT:
         raise UsageError(f"{path} is not a dtrain export (its metadata has no format {EXPORT_FORMAT!r})")
-    config = config_from_dict(json.loads(metadata["config"]))
-    model = build_task(config.task, config.train.seed).model
+    try:
+        recorded = json.loads(metadata["config"])
+    except (KeyError, ValueError):
+        raise UsageError(f"{path}: its metadata holds no readable config") from None
+    if not isinstance(recorded, dict):
+        raise UsageError(f"{path}: its metadata holds no readable config")
+    config = config_from_dict(recorded)
+    config.task.task, search_working_dir = task_recorded_in(str(path), config.task.task, task, trust_task)
+    model = build_task(config.task, config.train.seed, search_working_dir).model
     load_weights(model, path)  # ties intact; cast to the model's dtype
     return model, config
 
