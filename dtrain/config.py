@@ -18,6 +18,7 @@ from typing import Any, get_type_hints
 import yaml
 
 from dtrain.checksum import ALGORITHMS, DEFAULT_CHECKSUM, check_algorithm
+from dtrain.durations import parse_duration
 from dtrain.errors import UsageError
 
 ALGORITHMS_ACCEPTED = tuple(ALGORITHMS)
@@ -108,6 +109,9 @@ class TrainConfig:
     device: str = field(default="auto", **_opt("where to train; auto: the launcher's --cpu, else cuda if "
                                                "available, else cpu", ("auto", "cpu", "cuda")))
     num_workers: int = field(default=0, **_opt("DataLoader worker processes"))
+    max_time: str | None = field(default=None, **_opt(
+        "stop with a checkpoint before this wall-clock budget of the invocation runs out, HH:MM:SS or "
+        "DD:HH:MM:SS; exit 124 (resumable)"))
     collective_timeout_seconds: float = field(default=600.0, **_opt(
         "how long a rank waits for the others in a collective (the exit barrier: at most 30 s) before it "
         "fails with an error: a dead or hung peer costs this long, never more"))
@@ -125,6 +129,8 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a number in [0, 1]")
         _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a number >= 0")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, "an integer >= 0")
+        if self.max_time is not None:
+            parse_duration(self.max_time)  # raises on a bad value, naming the field
         _check(1 <= self.collective_timeout_seconds <= 86400, "collective_timeout_seconds",
                self.collective_timeout_seconds, "a number of seconds from 1 to 86400")
 

@@ -24,3 +24,16 @@ class Interrupted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+class OutOfTime(Interrupted):
+    """Training stopped by `--max-time` after its checkpoint was committed: exit 124 (as `timeout` does)."""
+
+    def __init__(self, checkpoint: str | None = None):
+        Exception.__init__(self, "stopped by --max-time")
+        self.signum = 0
+        self.checkpoint = checkpoint
+
+    @property
+    def exit_code(self) -> int:
+        return 124

@@ -31,6 +31,9 @@ def run_main(action: Callable[[], Any], on_exit: Callable[[int], None] | None = 
     confirm its peers leaves at once with `os._exit`, since tearing down a group with a pending collective, or
     the interpreter's own shutdown, could wait for a peer that will never answer.
     """
+    from dtrain.training.time_budget import begin_invocation
+
+    begin_invocation()  # --max-time counts from here (the first command of a process: from its start)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file INFO lines drown ours
     every_rank_here = False  # True when all ranks are known to end here together (finished, agreed interrupt)

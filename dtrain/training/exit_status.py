@@ -42,7 +42,7 @@ def reason_for(exit_code: int, fit_reason: str | None = None) -> str:
         return fit_reason if fit_reason in ("finished", "early_stop") else "finished"
     if exit_code == 2:
         return "usage_error"
-    if exit_code > 128:
+    if exit_code > 128 or exit_code == 124:  # a signal, or --max-time: stopped after a committed checkpoint
         return "interrupted"
     return "failed"
 

@@ -5,6 +5,7 @@ comes from `--save-every-steps`, `--save-every-epochs` and `--save-every-seconds
 ranks, so rank 0's clock decides and the decision travels in the same all-reduce as the interrupt flag (every
 `--agree-every-steps` steps, and at the last one) and a background save's failure on any rank. A signal is
 always answered with a save of the step it stopped at, then the stop. The end of training saves regardless.
+`--max-time` (time_budget.py) is decided the same way: rank 0's clock, in the same all-reduce.
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ from dataclasses import dataclass
 from dtrain.config import CheckpointConfig
 from dtrain.errors import CheckpointError
 from dtrain.training.interrupt import InterruptHandler
+from dtrain.training.time_budget import TimeBudget
 
 
 @dataclass
 class StepDecision:
     save: bool  # save a checkpoint of this step
     signal: int  # stop (after a save) because of this signal; 0: go on
+    out_of_time: bool = False  # stop (after a save) because --max-time is running out
 
 
 class SavePolicy:
     def __init__(self, config: CheckpointConfig, total_steps: int, is_main: bool, interrupts: InterruptHandler,
-                 device):
+                 device, budget: TimeBudget | None = None):
         self.config = config
+        self.budget = budget
         self.total_steps = total_steps
         self.is_main = is_main
         self.interrupts = interrupts
@@ -41,15 +45,17 @@ class SavePolicy:
         """Whether to save and whether to stop after optimizer step `step` (call on every rank). `epoch_done`:
         the epoch count, when this step finished an epoch. Raises the background save's error on every rank
         when it failed on any."""
-        signum, time_due, save_failed = 0, False, False
+        signum, time_due, save_failed, out_of_time = 0, False, False, False
         if step % self.config.agree_every_steps == 0 or step >= self.total_steps:
-            signum, (time_due, save_failed) = self.interrupts.agree(self.device, self._time_due(),
-                                                                    background_error is not None)
+            signum, (time_due, save_failed, out_of_time) = self.interrupts.agree(
+                self.device, self._time_due(), background_error is not None, self._out_of_time())
         if save_failed:
             raise background_error or CheckpointError(
                 "a background checkpoint save failed on another rank; earlier checkpoints are unchanged")
         every_steps = self.config.save_every_steps
         save = bool(every_steps and step % every_steps == 0) or bool(time_due) or self.epoch_due(epoch_done)
+        if out_of_time and not signum and step < self.total_steps:
+            return StepDecision(True, 0, out_of_time=True)
         return StepDecision(save, signum)
 
     def epoch_due(self, epochs_done: int | None) -> bool:
@@ -61,6 +67,13 @@ class SavePolicy:
         """A signal that arrived during a save stops the run now, without saving this step again."""
         signum, _ = self.interrupts.agree(self.device)
         return signum
+
+    def note_save(self, seconds: float) -> None:
+        if self.budget is not None:
+            self.budget.note_save(seconds)
+
+    def _out_of_time(self) -> bool:
+        return bool(self.is_main and self.budget is not None and self.budget.running_out())
 
     def _time_due(self) -> bool:
         every = self.config.save_every_seconds

@@ -28,8 +28,9 @@ from dtrain.checkpoint import CheckpointManager, RetentionPolicy
 from dtrain.checkpoint.location import run_checkpoints
 from dtrain.checkpoint.store_commit import STAGING_DIR
 from dtrain.config import Config
+from dtrain.durations import parse_duration
 from dtrain.data import build_train_source
-from dtrain.errors import Interrupted, UsageError
+from dtrain.errors import Interrupted, OutOfTime, UsageError
 from dtrain.lock import RunLock
 from dtrain.tasks import Task
 from dtrain.training import certificate, startup
@@ -40,6 +41,7 @@ from dtrain.training.resume import load_initial_weights
 from dtrain.training.runtime import check_sharded, make_accelerator
 from dtrain.training.save_policy import SavePolicy
 from dtrain.training.schedule import LearningRate, LRPlan, warmup_cosine
+from dtrain.training.time_budget import TimeBudget
 from dtrain.weights import tied_names
 
 logger = get_logger(__name__)
@@ -120,7 +122,8 @@ class Trainer:
         # Recorded in every checkpoint: a sharded one stores each name of a tied tensor, and its export keeps one.
         self.tied_weights = tied_names(self.task.model)
         self.model, self.optimizer, self.scheduler, self.lr = self._prepare_model(optimizer)
-        self.save_policy = SavePolicy(ckpt, self.total_steps, self.is_main, self.interrupts, acc.device)
+        budget = TimeBudget(parse_duration(cfg.train.max_time)) if cfg.train.max_time else None  # --max-time
+        self.save_policy = SavePolicy(ckpt, self.total_steps, self.is_main, self.interrupts, acc.device, budget)
         self.stop_at_step: int | None = None  # set by fit()
         self.progress_bar: tqdm | None = None
         self._loss_sum = torch.zeros((), device=acc.device)  # summed on the device between log steps
@@ -225,6 +228,8 @@ class Trainer:
             decision.signal = decision.signal or self.save_policy.signal_after_save()
         if decision.signal:
             self._stop_on_signal(decision.signal)
+        if decision.out_of_time:
+            self._stop_out_of_time()
 
     def _roll_over_epoch(self) -> None:
         state = self.state
@@ -310,6 +315,7 @@ class Trainer:
         self.metrics.event("checkpoint", report.step, path=str(report.path), bytes=report.bytes,
                            blocking_seconds=round(report.blocking_seconds, 4),
                            total_seconds=round(report.total_seconds, 4), deleted=report.deleted)
+        self.save_policy.note_save(report.total_seconds)  # --max-time keeps this much time for the last save
         grace = self.config.checkpoint.signal_grace_seconds
         if report.total_seconds > grace and not self._warned_slow_save:
             self._warned_slow_save = True
@@ -345,8 +351,20 @@ class Trainer:
         name, step = signal.Signals(signum).name, self.state.global_step
         self.metrics.event("interrupt", step, signal=name)
         logger.warning(f"{name} received: saving a checkpoint at step {step} and stopping", main_process_only=False)
+        checkpoint = self._save_before_stopping(name)
+        raise Interrupted(signum, checkpoint)
+
+    def _stop_out_of_time(self) -> None:
+        step = self.state.global_step
+        self.metrics.event("interrupt", step, signal=None, reason="max_time")
+        logger.warning(f"--max-time {self.config.train.max_time} is running out: saving a checkpoint at step {step} "
+                       f"and stopping")
+        raise OutOfTime(self._save_before_stopping("--max-time"))
+
+    def _save_before_stopping(self, cause: str) -> str:
+        step = self.state.global_step
         checkpoint = self._save(wait=True)
         if self.is_main and self.stop_at_step != step:
-            print(f"Stopped by {name} at step {step}; checkpoint {checkpoint}", flush=True)
+            print(f"Stopped by {cause} at step {step}; checkpoint {checkpoint}", flush=True)
             print(f"Resume with: {self.resume_command}", flush=True)
-        raise Interrupted(signum, checkpoint)
+        return checkpoint
