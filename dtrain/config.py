@@ -384,6 +384,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def write_config(config: Config, path: Path) -> None:
+    """config.yaml, with the credentials of any URI in it masked (the run keeps them in memory only)."""
+    from dtrain.redact import redact_values
     from dtrain.utils import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(redact_values(config.to_dict()), sort_keys=False))

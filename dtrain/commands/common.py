@@ -9,7 +9,7 @@ import sys
 import traceback
 from typing import Any, Callable
 
-from dtrain import faults
+from dtrain import faults, redact
 from dtrain.errors import CheckpointError, Interrupted, UsageError
 
 
@@ -36,6 +36,7 @@ def run_main(action: Callable[[], Any], on_exit: Callable[[int], None] | None = 
     begin_invocation()  # --max-time counts from here (the first command of a process: from its start)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file INFO lines drown ours
+    redact.install()  # log lines and tracebacks never show a URI's credentials
     every_rank_here = False  # True when all ranks are known to end here together (finished, agreed interrupt)
     code = 1
     try:
@@ -43,10 +44,10 @@ def run_main(action: Callable[[], Any], on_exit: Callable[[int], None] | None = 
         every_rank_here, code = True, 0
     except UsageError as exc:
         if is_rank_zero():
-            print(f"dtrain: error: {exc}", file=sys.stderr)
+            print(f"dtrain: error: {redact.redact_uri(str(exc))}", file=sys.stderr)
         code = exc.exit_code
     except CheckpointError as exc:
-        print(f"dtrain: error: {exc}", file=sys.stderr)
+        print(f"dtrain: error: {redact.redact_uri(str(exc))}", file=sys.stderr)
         code = exc.exit_code
     except Interrupted as exc:
         every_rank_here, code = True, exc.exit_code
@@ -54,12 +55,12 @@ def run_main(action: Callable[[], Any], on_exit: Callable[[int], None] | None = 
         if not _in_process_group():
             raise  # a single process: the interpreter prints the traceback and exits 1
         # In a group the traceback is printed here, because leaving may have to skip the interpreter's exit.
-        traceback.print_exc()
+        sys.stderr.write(redact.redact_uri(traceback.format_exc()))
         if _is_lost_peer(exc):
             first_line = (str(exc).splitlines() or [""])[0][:300]
-            print(f"dtrain: error: rank {os.environ.get('RANK', '?')} lost contact with another rank "
-                  f"({type(exc).__name__}: {first_line}); stopping without saving: committed checkpoints are "
-                  f"intact, resume with --resume latest", file=sys.stderr)
+            print(redact.redact_uri(f"dtrain: error: rank {os.environ.get('RANK', '?')} lost contact with another "
+                                    f"rank ({type(exc).__name__}: {first_line}); stopping without saving: committed "
+                                    f"checkpoints are intact, resume with --resume latest"), file=sys.stderr)
     finally:
         if on_exit is not None:
             on_exit(code)  # before leaving: a rank whose peer is gone leaves with os._exit below

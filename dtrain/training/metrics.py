@@ -1,7 +1,8 @@
 """Run logs: metrics.jsonl (every record), metrics.csv (training/eval rows as a table), Accelerate trackers.
 
-Only the main process writes. On resume from step S the files are rewound first: records with a step above S
-(written by the interrupted run after its last checkpoint) are dropped, so the files read as one run.
+Only the main process writes, and never a credential (every string goes through dtrain.redact). On resume from
+step S the files are rewound first: records with a step above S (written by the interrupted run after its last
+checkpoint) are dropped, so the files read as one run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from dtrain.redact import redact_values
 from dtrain.utils import atomic_write_text
 
 FIRST_COLUMNS = ["step", "epoch", "kind"]
@@ -82,7 +84,7 @@ class MetricsLog:
 
     def _append_json(self, record: dict[str, Any]) -> None:
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+            f.write(json.dumps({k: _clean(v) for k, v in redact_values(record).items()}) + "\n")
 
     def _rewrite_csv(self, records: list[dict[str, Any]]) -> None:
         rows = [r for r in records if "event" not in r]

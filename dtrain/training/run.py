@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from accelerate.utils import set_seed
 
+from dtrain import redact
 from dtrain.config import Config
+from dtrain.errors import UsageError
 from dtrain.tasks import build_task
+from dtrain.training import resume as resume_checks
 from dtrain.training.exit_status import RunOutcome
 from dtrain.training.runtime import make_accelerator
 from dtrain.training.trainer import FitResult, Trainer
@@ -17,6 +20,11 @@ def train(config: Config, stop_at_step: int | None = None, resume_command: str |
     """Trains the task a Config names; returns the FitResult (raises Interrupted on a signal).
     `resume_command` replaces the printed `Resume with:` command (e.g. a pipeline's own); `outcome` collects
     what exit_status.json will say."""
+    config.validate()
+    redact.remember_secrets(config.to_dict())  # before any message could repeat a password without its URI
+    _check_reachable(config.checkpoint.checkpoint_dir)
+    # Printed after an interrupt and recorded in exit_status.json: without the credentials of any URI in it.
+    resume_command = redact.redact_uri(resume_command or resume_checks.resume_command(config.output_dir))
     accelerator = make_accelerator(config)
     set_seed(config.train.seed)
     task = build_task(config.task, config.train.seed)
@@ -27,3 +35,21 @@ def train(config: Config, stop_at_step: int | None = None, resume_command: str |
     if outcome is not None:
         outcome.fit_reason = result.reason
     return result
+
+
+def _check_reachable(location: str | None) -> None:
+    """An object store that cannot even be opened (a wrong host, a closed port: some fsspec backends connect
+    when opened) is bad usage: one line with the credentials masked, before any model is built. fsspec keeps
+    the opened filesystem, so the run's own opening reuses it."""
+    from dtrain.checkpoint.location import is_uri, open_storage
+
+    if not location or not is_uri(location):
+        return
+    try:
+        open_storage(location)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the backend raises, this location cannot be used
+        reason = (str(exc).splitlines() or [""])[0][:300] or type(exc).__name__
+        raise UsageError(redact.redact_uri(f"cannot reach the checkpoint location {location}: "
+                                           f"{type(exc).__name__}: {reason}")) from None

@@ -32,6 +32,7 @@ from dtrain.durations import parse_duration
 from dtrain.data import build_train_source
 from dtrain.errors import Interrupted, OutOfTime, UsageError
 from dtrain.lock import RunLock
+from dtrain.redact import redact_values
 from dtrain.tasks import Task
 from dtrain.training import certificate, startup
 from dtrain.training.evaluation import EarlyStopping, Evaluator
@@ -330,7 +331,7 @@ class Trainer:
                 "data_position": self.train_data.state_dict(),  # on every rank: streams gather
                 "lr_plan": self.lr.state_dict(), "task": self.task.name, "shape": self.task.shape,
                 "resume_certificate": certificate.gather_certificate(entry, self.accelerator.num_processes),
-                "fingerprint": self.task.fingerprint, "config": self.config.to_dict(),
+                "fingerprint": self.task.fingerprint, "config": redact_values(self.config.to_dict()),
                 "mixed_precision": self.accelerator.mixed_precision, "sharding": self.config.train.sharding or "none",
                 "grad_accum": self.config.train.grad_accum, "tied_weights": self.tied_weights,
                 "device": self.accelerator.device.type, "async": self.checkpoints.async_save,
