@@ -6,7 +6,7 @@
     dtrain ckpt list|show|verify|prune|export checkpoint tools
     dtrain eval PATH                          evaluate a checkpoint on its task's eval split
     dtrain plot OUTPUT_DIR                    training/eval curves with interrupts, resumes, checkpoints
-    dtrain status OUTPUT_DIR                  how the last run ended; exits with that run's exit code
+    dtrain status OUTPUT_DIR [--history]      how the last run ended; exits with that run's exit code
 
 Each command's code is imported only when it runs, so `dtrain ckpt list` does not pay for importing torch.
 """
@@ -130,6 +130,8 @@ def build_parser() -> DtrainArgumentParser:
                                                 "exits with that run's exit code, 2 if there is none")
     status.add_argument("output_dir")
     status.add_argument("--json", action="store_true", help="print the file's JSON")
+    status.add_argument("--history", action="store_true",
+                        help="first every ended invocation, oldest first (exit_history.jsonl; JSON lines with --json)")
     return parser
 
 
