@@ -10,8 +10,9 @@ these were tested with (pyproject.toml pins the same range).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ACCELERATE_TESTED = ">=1.16,<1.17"  # keep in step with pyproject.toml
 
@@ -58,6 +59,18 @@ def prepared_schedulers(accelerator) -> list:
 def registered_objects(accelerator) -> list:
     """Objects registered with `register_for_checkpointing` (saved as custom_checkpoint_{i}.pkl)."""
     return accelerator._custom_objects  # noqa: SLF001
+
+
+@contextlib.contextmanager
+def registered_objects_hidden(accelerator) -> Iterator[list]:
+    """While the block runs, `load_state` sees no registered objects (it would unpickle their files with
+    weights_only=False); yields them, for the caller to restore safely. Put back afterwards, on every path."""
+    objects = accelerator._custom_objects  # noqa: SLF001
+    accelerator._custom_objects = []  # noqa: SLF001
+    try:
+        yield objects
+    finally:
+        accelerator._custom_objects = objects  # noqa: SLF001
 
 
 def only_dtrain_writable_state(accelerator) -> bool:

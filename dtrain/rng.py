@@ -1,8 +1,8 @@
 """Random number generator state: putting it back after side work, and restoring it per rank on resume.
 
 Accelerate's load_state restores RNG states but swallows any failure at INFO level. We restore them again
-ourselves from `random_states_{rank}.pkl` (loaded with weights_only=True, never arbitrary unpickling) and say
-loudly when that is impossible, e.g. for a rank that did not exist when the checkpoint was written.
+ourselves from `random_states_{rank}.pkl` (loaded with weights_only=True, never arbitrary unpickling), say loudly
+when a rank did not exist when the checkpoint was written, and refuse a state file that cannot be loaded.
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def rank_seed(base_seed: int, rank: int) -> int:
 
 
 def restore(path, rank: int, fallback_seed: int) -> bool:
-    """Sets this rank's RNG states from the checkpoint; returns False (after a warning) if it had to seed."""
+    """Sets this rank's RNG states from the checkpoint; returns False (after a warning) if it had to seed because
+    the checkpoint has no state for this rank. A state file that is there but cannot be loaded raises ValueError:
+    the checkpoint is unusable, like one whose optimizer cannot be loaded, and an older one may stand in for it."""
     file = path / f"random_states_{rank}.pkl"
     if not file.exists():
         seed = rank_seed(fallback_seed, rank)
@@ -96,12 +98,7 @@ def restore(path, rank: int, fallback_seed: int) -> bool:
         set_seed(seed)
         return False
     try:
-        ProcessRNG().load_state_dict(safe_load(file), rank)
+        ProcessRNG().load_state_dict(safe_load(file, weights_only=True), rank)
     except Exception as exc:  # noqa: BLE001 - any failure here must be loud, never silent
-        seed = rank_seed(fallback_seed, rank)
-        logger.warning(f"could not restore the RNG state of rank {rank} from {file} ({type(exc).__name__}: {exc}); "
-                       f"seeding deterministically with {seed}: the resumed run will not be bit-identical",
-                       main_process_only=False)
-        set_seed(seed)
-        return False
+        raise ValueError(f"{file.name}: {type(exc).__name__}: {exc}") from None
     return True

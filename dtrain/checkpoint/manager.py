@@ -33,6 +33,7 @@ from dtrain.checksum import DEFAULT_CHECKSUM, check_algorithm
 from dtrain.checkpoint.commit import Commit, Phases, SaveReport
 from dtrain.checkpoint.layout import BEST, LATEST, TRAINER_STATE, parse_step, read_trainer_state, step_dir_name
 from dtrain.checkpoint.lineage import child_ancestry
+from dtrain.checkpoint.loading import check_registered_state, load_prepared_state
 from dtrain.checkpoint.local_commit import LocalCommit
 from dtrain.checkpoint.location import is_uri, local_path, open_storage, storage_and_name
 from dtrain.checkpoint.records import current_lineage, record_from_state
@@ -86,6 +87,7 @@ class CheckpointManager:
         self.ancestry: tuple[tuple[str | None, int], ...] = ()
         self.last_saved_step: int | None = None
         self._saves_started = 0  # for fault injection (DTRAIN_FAULT_AFTER_SAVES)
+        self._registered_checked = False  # registered objects' state loads with weights_only (loading.py)
         self._last_bytes = 0  # size of the last committed checkpoint, to recognise a full disk
         self.async_save = async_save and supports_snapshot(accelerator)
         if async_save and not self.async_save:
@@ -154,6 +156,9 @@ class CheckpointManager:
                  "run_id": self.run_id, "parent": self.parent,
                  "ancestry": [{"run_id": run, "step": until} for run, until in self.ancestry]}
         phases = self._phases(step, temp, None)
+        if not self._registered_checked:  # once: a checkpoint they would make unloadable fails the first save
+            phases(lambda: check_registered_state(self.accelerator))
+            self._registered_checked = True
         phases(lambda: self._prepare(temp))
         if not self.async_save:
             phases(lambda: self._write_files(temp, state, None))
@@ -306,12 +311,13 @@ class CheckpointManager:
     def load(self, path: str | Path, trainer_state: dict[str, Any] | None = None,
              fallback_seed: int = 0) -> dict[str, Any]:
         """Restores the prepared objects and this rank's RNG from a checkpoint; returns its trainer state
-        (`trainer_state`: as the caller already read it, else read here)."""
+        (`trainer_state`: as the caller already read it, else read here). Nothing is unpickled beyond plain
+        data (loading.py); a file that cannot be loaded raises (the caller's `agreed_load` tells every rank)."""
         path = Path(path)
         state = read_trainer_state(path) if trainer_state is None else trainer_state
         if is_sharded(path):
             check_sharded(path)  # DCP unpickles its index and values: refuse crafted ones before it reads them
-        self.accelerator.load_state(str(path))
+        load_prepared_state(self.accelerator, path)  # load_state, with registered objects read weights_only
         rng.restore(path, self.accelerator.process_index, fallback_seed=fallback_seed + int(state.get("global_step", 0)))
         self.resumed_from = self.last_saved_step = int(state.get("global_step", parse_step(path.name) or 0))
         self.parent = path.name
