@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from dtrain.checkpoint.layout import BEST, LATEST, parse_step
 from dtrain.checkpoint.lineage import lineage_of
@@ -51,12 +51,14 @@ def resolve_resume(spec: str, checkpoints: CheckpointStorage | str | Path, check
     return Resolution(_verified(*storage_and_name(path), checksums, "--resume"))
 
 
-def find_latest(checkpoints: CheckpointStorage | str | Path, checksums: bool = False) -> Resolution:
+def find_latest(checkpoints: CheckpointStorage | str | Path, checksums: bool = False,
+                passed_over: Collection[str] = ()) -> Resolution:
     """The `latest` pointer's checkpoint, or, if it is damaged, the next older complete one of its lineage.
     The pointer is a hint: the candidates are the listed checkpoints (directories or prefixes), each verified.
 
     Checkpoints of other lineages (saved after the checkpoint a later run resumed from) are never chosen.
-    Those whose trainer state cannot be read are tried in their place and reported as skipped."""
+    Those whose trainer state cannot be read are tried in their place and reported as skipped. `passed_over`:
+    names already found unusable (complete, but their contents did not load): never chosen, never reported."""
     storage = as_storage(checkpoints)
     records = checkpoint_records(storage)
     head = lineage_head(storage, records)
@@ -65,8 +67,8 @@ def find_latest(checkpoints: CheckpointStorage | str | Path, checksums: bool = F
     pointed = storage.read_pointer(LATEST)
     limit = parse_step(pointed) if pointed is not None else None
     candidates = [n for n in reversed(storage.step_names())
-                  if parse_step(n) in on_lineage
-                  or (parse_step(n) not in readable and (limit is None or parse_step(n) <= limit))]
+                  if n not in passed_over and (parse_step(n) in on_lineage or (
+                      parse_step(n) not in readable and (limit is None or parse_step(n) <= limit)))]
     skipped = []
     for name in candidates:
         check = storage.verify(name, checksums)

@@ -16,6 +16,9 @@ from accelerate.logging import get_logger
 
 from dtrain.checkpoint import resolve_resume
 from dtrain.checkpoint.convert import run_layout
+from dtrain.checkpoint.layout import TRAINER_STATE, read_trainer_state
+from dtrain.checkpoint.loading import UnloadableCheckpoint, agreed_load
+from dtrain.checkpoint.resolve import find_latest
 from dtrain.config import write_config
 from dtrain.distributed import run_and_agree
 from dtrain.errors import UsageError
@@ -36,12 +39,11 @@ def start(trainer) -> None:
     trainer.lock.acquire()
     checkpoints.restore_replaced()  # before resolving: an interrupted re-save must not hide a checkpoint
     resolution = resolve_resume(cfg.resume, checkpoints.storage, cfg.verify_checksums)
-    for skipped in resolution.skipped:
-        logger.warning(f"skipping damaged checkpoint {skipped}")
+    _warn_skipped(resolution.skipped)
     if resolution.path is None:
         _start_fresh(trainer)
     else:
-        _resume(trainer, resolution.path)
+        _resume(trainer, *_load_first_loadable(trainer, resolution.path))
     checkpoints.clean_stale()  # only now: a refused start must not touch a run's leftovers
     if trainer.is_main:
         write_config(trainer.config, trainer.output_dir / "config.yaml")
@@ -84,18 +86,61 @@ def _start_fresh(trainer) -> None:
     trainer.train_data.seek(0)
 
 
-def _resume(trainer, source: Path | str) -> None:
-    """Resumes from a checkpoint directory, or an object-store checkpoint (first downloaded by each node)."""
-    acc, state = trainer.accelerator, trainer.state
+def _warn_skipped(skipped: list[str]) -> None:
+    for entry in skipped:
+        logger.warning(f"skipping damaged checkpoint {entry}")
+
+
+def _load_first_loadable(trainer, source: Path | str) -> tuple[Path | str, Path, dict[str, Any]]:
+    """Loads `source`; under `--resume latest|auto`, a checkpoint that is complete but cannot be loaded is skipped
+    like a damaged one (left in place) and the next older complete one of its lineage loaded instead, from
+    scratch: whatever the failed load restored is overwritten. An explicit target is refused (exit 2).
+    Returns (the checkpoint, its local directory, its trainer state); every rank gets the same answer."""
+    cfg, storage = trainer.config.checkpoint, trainer.checkpoints.storage
+    unloadable: list[UnloadableCheckpoint] = []
+    while True:
+        try:
+            return (source, *_load(trainer, source))
+        except UnloadableCheckpoint as exc:
+            if cfg.resume not in ("latest", "auto"):
+                raise UsageError(f"--resume: {source} cannot be loaded ({exc.reason})") from None
+            unloadable.append(exc)
+            logger.warning(f"skipping checkpoint {exc.name}: its files are complete but it cannot be loaded "
+                           f"({exc.reason}); it is left in place, and the previous complete checkpoint of its "
+                           f"lineage is tried")
+        resolution = find_latest(storage, cfg.verify_checksums, passed_over={e.name for e in unloadable})
+        _warn_skipped(resolution.skipped)
+        if resolution.path is None:
+            why = "; ".join([str(e) for e in unloadable] + resolution.skipped)
+            raise UsageError(f"--resume {cfg.resume}: no usable checkpoint in {storage.url()} ({why})")
+        source = resolution.path
+
+
+def _load(trainer, source: Path | str) -> tuple[Path, dict[str, Any]]:
+    """Everything a resume takes from a checkpoint's files, agreed by every rank (loading.agreed_load): the
+    trainer state, the checks that it fits this run, the prepared objects, the RNG and the trainer's pieces."""
+    acc = trainer.accelerator
     path = trainer.checkpoints.fetch(source)
-    saved = resume_checks.read_checkpoint_state(path)  # the one read of trainer_state.json
-    resume_checks.check_compatible(saved, trainer.task, trainer.config, acc.unwrap_model(trainer.model), path)
-    trainer.train_data.check_resume(saved.get("data_position"), saved.get("world_size", 1))
-    sharded_run = trainer.config.train.sharding == "fsdp2"
-    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # the torch optimizer Accelerate wraps
-    with run_layout(path, sharded_run, acc.unwrap_model(trainer.model), optimizer) as in_run_layout:
-        trainer.checkpoints.load(in_run_layout, saved, fallback_seed=trainer.config.train.seed)
-    trainer.load_state_dict(saved)  # counters, data position, LR plan, evaluation, early stopping
+
+    def load() -> dict[str, Any]:
+        saved = read_trainer_state(path)  # the one read of trainer_state.json
+        if not isinstance(saved, dict):
+            raise ValueError(f"{TRAINER_STATE} holds a {type(saved).__name__}, not an object")
+        resume_checks.check_compatible(saved, trainer.task, trainer.config, acc.unwrap_model(trainer.model), path)
+        trainer.train_data.check_resume(saved.get("data_position"), saved.get("world_size", 1))
+        sharded_run = trainer.config.train.sharding == "fsdp2"
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # the torch optimizer Accelerate wraps
+        with run_layout(path, sharded_run, acc.unwrap_model(trainer.model), optimizer) as in_run_layout:
+            trainer.checkpoints.load(in_run_layout, saved, fallback_seed=trainer.config.train.seed)
+        trainer.load_state_dict(saved)  # counters, data position, LR plan, evaluation, early stopping
+        return saved
+
+    return path, agreed_load(path.name, load, acc.device)
+
+
+def _resume(trainer, source: Path | str, path: Path, saved: dict[str, Any]) -> None:
+    """Continues from a loaded checkpoint (a directory, or an object-store checkpoint downloaded to `path`)."""
+    acc, state = trainer.accelerator, trainer.state
     if saved.get("world_size", 1) != acc.num_processes and trainer.train_data.kind == "map":
         logger.warning(f"world size changed from {saved.get('world_size')} to {acc.num_processes}: continuing at "
                        f"sample {state.epoch_samples_seen} of epoch {state.epoch}; the run is correct but not "
