@@ -16,7 +16,8 @@ MAX_LINES = 400
 # Lower layers first. A module may import its own layer (without cycles) and the layers below it.
 LAYERS = [
     ("core", ["dtrain.errors", "dtrain.utils", "dtrain.compat", "dtrain.faults", "dtrain.distributed",
-              "dtrain.config", "dtrain.rng", "dtrain.lock", "dtrain.weights", "dtrain.checksum", "dtrain.durations"]),
+              "dtrain.config", "dtrain.rng", "dtrain.lock", "dtrain.weights", "dtrain.checksum", "dtrain.durations",
+              "dtrain.redact"]),
     ("storage and data", ["dtrain.checkpoint", "dtrain.data"]),
     ("integrations", ["dtrain.integrations"]),
     ("tasks", ["dtrain.tasks"]),
