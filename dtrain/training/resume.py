@@ -14,6 +14,7 @@ from dtrain.checkpoint.layout import read_trainer_state
 from dtrain.checkpoint.sharded import SHARDED_MODEL_DIR, is_sharded, model_weights_file
 from dtrain.config import Config
 from dtrain.errors import UsageError
+from dtrain.redact import redact_values
 
 logger = get_logger(__name__)
 
@@ -43,7 +44,8 @@ def check_compatible(saved: dict[str, Any], task, config: Config, model, path: P
     old_config = saved.get("config")
     if isinstance(old_config, dict):
         old_flat = _flatten(old_config)
-        changes = [c for c in _differences(old_flat, config.flat()) if c.split(":")[0] not in IGNORED_FIELDS]
+        now = redact_values(config.flat())  # the checkpoint recorded its config with credentials masked
+        changes = [c for c in _differences(old_flat, now) if c.split(":")[0] not in IGNORED_FIELDS]
         if changes:
             logger.warning(f"config changed since {path.name}: {'; '.join(changes)}")
     if saved.get("fingerprint") and saved["fingerprint"] != task.fingerprint:
