@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from dtrain.distributed import run_and_agree
@@ -35,7 +37,7 @@ class RunLock:
         raise UsageError(f"cannot take the run lock {self.path}: {getattr(error, 'strerror', None) or error}")
 
     def _take(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(self.path)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -52,6 +54,22 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock
             self._fd = None
+
+
+def open_lock_file(path: Path) -> int:
+    """Opens (creating it, with the user's umask) the lock file for reading and writing, never through a
+    symbolic link: whoever planted one would have dtrain truncate its target. OSError with a reason otherwise."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{path} is a symbolic link (dtrain never writes through one; remove "
+                                       f"it)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"{path} is not a regular file (remove it)")
+    return fd
 
 
 class _Held(Exception):

@@ -12,7 +12,6 @@ back (`restore_replaced`), never neither.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -26,7 +25,7 @@ from dtrain.checkpoint.layout import (checkpoint_files, file_owner, hash_and_syn
 from dtrain.checkpoint.storage import LocalDirectory
 from dtrain.distributed import gather_objects, run_and_agree
 from dtrain.errors import CheckpointError
-from dtrain.utils import fsync_path, remove_tree
+from dtrain.utils import fsync_path, remove_owned_tree, remove_tree
 
 logger = get_logger(__name__)
 
@@ -63,7 +62,7 @@ class LocalCommit:
 
     def prepare(self, temp: Path) -> None:
         if self.is_main:
-            if temp.exists():
+            if os.path.lexists(temp):  # a link left in its place is removed itself, never followed
                 remove_tree(temp)
             temp.mkdir(parents=True)
 
@@ -91,9 +90,9 @@ class LocalCommit:
         self._reached("manifest_written")
         final = self.dir / step_dir_name(step)
         aside = None
-        if final.exists():  # a re-save of this step (a damaged one that resume skipped, or another lineage's)
+        if os.path.lexists(final):  # a re-save of this step (a damaged one resume skipped, another lineage's)
             aside = self.dir / f".trash-{final.name}{REPLACED_SUFFIX}"
-            if aside.exists():
+            if os.path.lexists(aside):
                 remove_tree(aside)
             os.rename(final, aside)
             self._reached("old_moved_aside")
@@ -106,8 +105,8 @@ class LocalCommit:
         return total
 
     def discard(self, temp: Path) -> None:
-        if self.is_main and temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
+        if self.is_main:
+            remove_owned_tree(temp, self.dir)
 
     def finished(self, temp: Path) -> None:
         pass  # the temp dir is now the checkpoint
@@ -125,8 +124,8 @@ class LocalCommit:
             if not self.dir.is_dir():
                 return
             self._restore_replaced_here()
-            for path in self.dir.iterdir():
-                if path.name.startswith((".tmp-", ".trash-")) and path.is_dir():
+            for path in self.dir.iterdir():  # a link among them is removed itself, its target untouched
+                if path.name.startswith((".tmp-", ".trash-")) and (path.is_symlink() or path.is_dir()):
                     remove_tree(path)
                 elif path.name.startswith(".") and ".tmp-" in path.name and not path.is_dir():
                     path.unlink(missing_ok=True)
@@ -148,7 +147,8 @@ class LocalCommit:
     def _restore_replaced_here(self) -> None:
         for aside in self.dir.glob(f".trash-step_*{REPLACED_SUFFIX}"):
             final = self.dir / aside.name[len(".trash-"):-len(REPLACED_SUFFIX)]
-            if parse_step(final.name) is not None and not final.exists() and aside.is_dir():
+            if parse_step(final.name) is not None and not os.path.lexists(final) and not aside.is_symlink() \
+                    and aside.is_dir():
                 os.rename(aside, final)
                 fsync_path(self.dir)
                 logger.warning(f"a save of {final.name} was interrupted while replacing the previous "

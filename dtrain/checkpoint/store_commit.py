@@ -14,7 +14,6 @@ checkpoint to each node's local staging dir, checksums checked (`download_for_no
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -26,13 +25,18 @@ from dtrain.checksum import DEFAULT_CHECKSUM
 from dtrain.checkpoint.commit import Phases
 from dtrain.checkpoint.layout import TRAINER_STATE, step_dir_name
 from dtrain.checkpoint.location import split_checkpoint_uri
+from dtrain.checkpoint.names import regular_files
 from dtrain.checkpoint.storage import RemoteStore
 from dtrain.distributed import all_ranks_ok, gather_objects, run_and_agree
 from dtrain.errors import UsageError
+from dtrain.utils import remove_owned_tree
 
 logger = get_logger(__name__)
 
 STAGING_DIR = ".staging"  # under the output dir: local copies of object-store checkpoints being saved or loaded
+# The entries dtrain makes in a staging dir (a save's `step_N.rankR`, a resume's `restore.nodeN`): the only ones
+# it ever deletes there, so a staging dir that is a link to a fast disk (or anywhere) loses nothing else.
+STAGING_ENTRY = re.compile(r"step_[0-9]{9}\.rank[0-9]+|restore\.node[0-9]+")
 # The points of an object-store save, in order (fault injection: dtrain/faults.py): after a rank's first uploaded
 # file, after all of them, after the manifest (the commit).
 STAGES = ("temp_created", "state_written", "upload_started", "uploaded", "manifest_written", "pointers_written",
@@ -64,7 +68,7 @@ class StoreCommit:
         return self.staging / f"{step_dir_name(step)}.rank{self.accelerator.process_index}"
 
     def prepare(self, temp: Path) -> None:
-        shutil.rmtree(temp, ignore_errors=True)
+        remove_owned_tree(temp, self.staging)
         temp.mkdir(parents=True)
         if self.is_main:  # an earlier attempt at this step (uncommitted, or committed and now re-saved)
             self.storage.delete(temp.name.split(".")[0])
@@ -74,7 +78,7 @@ class StoreCommit:
         name = step_dir_name(step)
         group = phases.group
         # A file that several ranks wrote (scaler.pt) is uploaded once, by the lowest of them.
-        files = sorted(str(p.relative_to(temp)) for p in temp.rglob("*") if p.is_file())
+        files = regular_files(temp)
         owners: dict[str, int] = {}
         for rank, names in enumerate(gather_objects(files, group)):
             for file in names:
@@ -112,10 +116,10 @@ class StoreCommit:
         return uploaded
 
     def discard(self, temp: Path) -> None:
-        shutil.rmtree(temp, ignore_errors=True)  # every rank has a staging dir of its own
+        remove_owned_tree(temp, self.staging)  # every rank has a staging dir of its own
 
     def finished(self, temp: Path) -> None:
-        shutil.rmtree(temp, ignore_errors=True)  # committed in the store: the local copy has done its job
+        remove_owned_tree(temp, self.staging)  # committed in the store: the local copy has done its job
 
     def disk(self) -> Path:
         return self.staging
@@ -128,7 +132,8 @@ class StoreCommit:
         all_ranks_ok(True, self.accelerator.device)  # every rank has loaded what it resumed from out of staging
         if self.accelerator.is_local_main_process and self.staging.is_dir():
             for path in self.staging.iterdir():  # other nodes sharing this dir may be removing them too
-                shutil.rmtree(path, ignore_errors=True)
+                if STAGING_ENTRY.fullmatch(path.name):  # only what dtrain made; a link: the link itself
+                    remove_owned_tree(path, self.staging)
 
         def remove_unfinished_uploads() -> None:
             for name in self.storage.step_names():
@@ -159,7 +164,7 @@ def download_for_node(uri: str, accelerator: Accelerator, staging: Path) -> Path
         return match is None or int(match.group(1)) in node_ranks
 
     def download() -> None:
-        shutil.rmtree(dest, ignore_errors=True)
+        remove_owned_tree(dest, dest.parent)
         store.download(name, dest, wanted, progress=True)
 
     ok, error = run_and_agree(download, acc.is_local_main_process, acc.device)

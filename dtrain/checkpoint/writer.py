@@ -66,7 +66,7 @@ class HashingFile:
     def __init__(self, path: Path, hasher: ThreadPoolExecutor, flusher: ThreadPoolExecutor,
                  algorithm: str = DEFAULT_CHECKSUM, fsync: bool = True):
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)  # the umask decides
         self.algorithm = algorithm
         self._fsync = fsync  # False: no write-back requests, no fsync (a staging copy for an upload)
         self._sha = new_hasher(algorithm)

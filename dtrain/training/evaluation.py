@@ -22,6 +22,7 @@ from dtrain.data.stream import EvalStream
 from dtrain.rng import preserved_rng
 from dtrain.tasks import Task
 from dtrain.tasks.base import evaluation_sums, metrics_from_sums
+from dtrain.utils import atomic_write_text, warn_once
 
 logger = get_logger(__name__)
 
@@ -141,8 +142,12 @@ class Evaluator:
         text = self.task.sample(model, generator)
         if not self.accelerator.is_main_process:
             return None
+        if self.samples_dir.is_symlink():  # a planted link would have dtrain write wherever it points
+            warn_once(f"not writing samples: {self.samples_dir} is a symbolic link (remove it)")
+            return text
         self.samples_dir.mkdir(parents=True, exist_ok=True)
-        (self.samples_dir / f"step_{step:09d}.txt").write_text(text)
+        # A fresh temp file renamed into place: a link planted at samples/step_N.txt is replaced, never followed.
+        atomic_write_text(self.samples_dir / f"step_{step:09d}.txt", text, durable=False)
         return text
 
     def state_dict(self) -> dict[str, Any]:
