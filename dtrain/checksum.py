@@ -12,6 +12,7 @@ guard against someone who can rewrite the manifest too (it is not a signature).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import mmap
 import os
@@ -95,9 +96,13 @@ def file_checksum(path: Path, algorithm: str) -> tuple[int, str]:
     that runs at the speed of the checksum (about twice that of reading into a buffer, then hashing it).
     Checkpoint files are never rewritten in place (a file truncated while mapped would end the process)."""
     hasher, size = new_hasher(algorithm), 0
-    with open(path, "rb", buffering=0) as stream:
+    # Never through a symbolic link, never blocking on a fifo, never a device (/dev/zero would never end).
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb", buffering=0) as stream:
         info = os.fstat(stream.fileno())
-        if stat.S_ISREG(info.st_mode) and info.st_size > 0:
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        if info.st_size > 0:
             with mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                 view = memoryview(mapped)
                 try:

@@ -15,6 +15,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+from dtrain.checkpoint.documents import (parse_manifest, parse_trainer_state, pointer_target, read_local,
+                                         warn_once)
+from dtrain.checkpoint.names import local_file_problem, regular_files, symlink_problem
 from dtrain.checkpoint.writer import FileDigest
 from dtrain.checksum import DEFAULT_CHECKSUM, entry_checksum, file_checksum
 from dtrain.utils import atomic_write_text, fsync_path
@@ -24,7 +27,7 @@ MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 LATEST = "latest"
 BEST = "best"
-STEP_DIR = re.compile(r"^step_(\d{9})$")
+STEP_DIR = re.compile(r"step_([0-9]{9})")  # matched whole: no trailing newline, no other script's digits
 
 
 def step_dir_name(step: int) -> str:
@@ -36,24 +39,40 @@ def temp_dir_name(step: int) -> str:
 
 
 def parse_step(name: str) -> int | None:
-    match = STEP_DIR.match(name)
+    match = STEP_DIR.fullmatch(name) if isinstance(name, str) else None
     return int(match.group(1)) if match else None
 
 
 def step_dirs(checkpoints_dir: Path) -> list[Path]:
-    """Committed-looking checkpoint directories (never dot-names), oldest step first."""
+    """Committed-looking checkpoint directories (never dot-names), oldest step first.
+
+    A `step_N` that is a symbolic link is not one: dtrain never makes one, retention would delete through it,
+    and whoever can write the checkpoints dir could point it at any directory. It is ignored, with a warning."""
     if not checkpoints_dir.is_dir():
         return []
-    found = [p for p in checkpoints_dir.iterdir() if p.is_dir() and parse_step(p.name) is not None]
+    found = []
+    for path in checkpoints_dir.iterdir():
+        if parse_step(path.name) is None:
+            continue
+        if path.is_symlink():
+            warn_once(f"ignoring {path}: {symlink_problem(path)}")
+        elif path.is_dir():
+            found.append(path)
     return sorted(found, key=lambda p: parse_step(p.name))
 
 
 def read_pointer(checkpoints_dir: Path, name: str) -> str | None:
+    """The checkpoint name the pointer file `name` holds; None when missing, or (with a warning) when it holds
+    anything else or is not a regular file. Read without following a link, at most a few bytes."""
+    path = checkpoints_dir / name
     try:
-        value = (checkpoints_dir / name).read_text().strip()
-    except OSError:
+        data = read_local(path, limit=1024)
+    except FileNotFoundError:
         return None
-    return value if parse_step(value) is not None else None
+    except (OSError, ValueError) as exc:
+        warn_once(f"ignoring the pointer {path}: {getattr(exc, 'strerror', None) or exc}")
+        return None
+    return pointer_target(data, str(path), lambda value: parse_step(value) is not None)
 
 
 def write_pointer(checkpoints_dir: Path, name: str, target: str) -> None:
@@ -61,7 +80,12 @@ def write_pointer(checkpoints_dir: Path, name: str, target: str) -> None:
 
 
 def read_trainer_state(path: Path) -> dict:
-    return json.loads((path / TRAINER_STATE).read_text())
+    """A checkpoint directory's trainer state; OSError when it cannot be read, ValueError when it is not a
+    trainer state dtrain can use (garbled, wrong types, not a regular file)."""
+    problem = local_file_problem(path, TRAINER_STATE)
+    if problem is not None:
+        raise ValueError(problem)
+    return parse_trainer_state(read_local(path / TRAINER_STATE))
 
 
 def _fsync_file(path: Path) -> None:
@@ -70,7 +94,8 @@ def _fsync_file(path: Path) -> None:
 
 
 def checkpoint_files(path: Path) -> list[str]:
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+    """The regular files of a checkpoint being written, but its manifest (symbolic links are never listed)."""
+    return [name for name in regular_files(path) if name != MANIFEST]
 
 
 def write_manifest(path: Path, step: int, written: Mapping[str, Any] | None = None,
@@ -131,34 +156,47 @@ class Verification:
 
 def verify_checkpoint(path: Path, checksums: bool = False) -> Verification:
     """Checks that every file the manifest lists is there with its size (and its checksum when asked, in the
-    algorithm its manifest entry names: sha256 for manifests of earlier versions)."""
+    algorithm its manifest entry names: sha256 for manifests of earlier versions).
+
+    The manifest and the trainer state are untrusted input (documents.py, names.py): an unsafe name, a symbolic
+    link, a device or fifo, a garbled or mistyped document makes the checkpoint damaged, with the reason."""
     path = Path(path)
+    if path.is_symlink():
+        return Verification(False, symlink_problem(path))
     if not path.is_dir():
         return Verification(False, f"{path} is not a directory")
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        manifest = parse_manifest(read_local(path / MANIFEST), FORMAT)
     except FileNotFoundError:
         return Verification(False, f"{MANIFEST} is missing (the save did not finish)")
-    except (OSError, ValueError) as exc:
-        return Verification(False, f"{MANIFEST} is unreadable: {exc}")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        return Verification(False, f"{MANIFEST} is not a {FORMAT} manifest")
+    except OSError as exc:
+        return Verification(False, f"{MANIFEST} is unreadable: {exc.strerror or exc}")
+    except ValueError as exc:  # each reason names the document
+        return Verification(False, str(exc))
     if TRAINER_STATE not in manifest["files"]:
         return Verification(False, f"{TRAINER_STATE} is not listed in the manifest")
     total = 0
     for name, meta in sorted(manifest["files"].items()):
-        file = path / name
-        try:
-            size = file.stat().st_size
-        except OSError:
-            return Verification(False, f"{name} is missing")
-        if size != meta.get("size"):
-            return Verification(False, f"{name} has {size} bytes, the manifest says {meta.get('size')}")
+        problem = local_file_problem(path, name)  # lstat from the checkpoint down: nothing outside is touched
+        if problem is not None:
+            return Verification(False, problem)
+        size = (path / name).stat().st_size
+        if size != meta["size"]:
+            return Verification(False, f"{name} has {size} bytes, the manifest says {meta['size']}")
         if checksums:
             listed = entry_checksum(meta)
             if listed is None:
                 return Verification(False, f"{name} has no checksum in the manifest")
-            if file_checksum(file, listed[0])[1] != listed[1]:
-                return Verification(False, f"{name} does not match its {listed[0]} in the manifest")
+            try:
+                if file_checksum(path / name, listed[0])[1] != listed[1]:
+                    return Verification(False, f"{name} does not match its {listed[0]} in the manifest")
+            except OSError as exc:  # swapped for a link or a fifo since it was checked
+                return Verification(False, f"{name} cannot be read ({exc.strerror or exc})")
         total += size
+    try:
+        read_trainer_state(path)
+    except OSError as exc:
+        return Verification(False, f"{TRAINER_STATE} is unreadable: {exc.strerror or exc}")
+    except ValueError as exc:
+        return Verification(False, str(exc))
     return Verification(True, "", total)

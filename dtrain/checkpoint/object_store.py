@@ -24,9 +24,13 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from dtrain.checksum import DEFAULT_CHECKSUM, entry_checksum, new_hasher
+from dtrain.checkpoint.documents import (MAX_DOCUMENT_BYTES, MAX_POINTER_BYTES, loads, parse_manifest,
+                                         parse_trainer_state, pointer_target)
 from dtrain.checkpoint.layout import FORMAT, MANIFEST, TRAINER_STATE, Verification, parse_step
+from dtrain.checkpoint.names import inside, name_problem
 from dtrain.compat import strip_protocol
 from dtrain.errors import UsageError
+from dtrain.utils import atomic_write_text, create_new_file, fresh_temp_name
 
 CHUNK = 8 << 20  # bytes read/written per call while streaming (and hashing) a file
 PARALLEL_TRANSFERS = 4  # files moved at the same time by one process
@@ -108,21 +112,27 @@ class ObjectStore:
     def read_bytes(self, *names: str) -> bytes:
         return self.fs.cat_file(self._path(*names))
 
+    def read_document(self, *names: str, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+        """A small object (manifest, trainer state, pointer), read up to `limit` bytes: ValueError beyond."""
+        data = self.fs.cat_file(self._path(*names), start=0, end=limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"{names[-1]} has more than the {limit} bytes it may have")
+        return data
+
     def read_json(self, *names: str) -> dict:
-        value = json.loads(self.read_bytes(*names))
+        value = loads(self.read_document(*names))
         if not isinstance(value, dict):
             raise ValueError(f"{'/'.join(names)} does not hold a JSON object")
         return value
 
     def read_trainer_state(self, step_name: str) -> dict:
-        return self.read_json(step_name, TRAINER_STATE)
+        """OSError when it cannot be read, ValueError when it is not a trainer state dtrain can use."""
+        return parse_trainer_state(self.read_document(step_name, TRAINER_STATE))
 
     def read_manifest(self, step_name: str) -> dict:
-        """The manifest of a checkpoint; FileNotFoundError when it has none, ValueError when it is not one."""
-        manifest = self.read_json(step_name, MANIFEST)
-        if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-            raise ValueError(f"{MANIFEST} is not a {FORMAT} manifest")
-        return manifest
+        """The manifest of a checkpoint; FileNotFoundError when it has none, ValueError when it is not one (an
+        unsafe name such as `../x` or `/abs` included: documents.py, names.py)."""
+        return parse_manifest(self.read_document(step_name, MANIFEST), FORMAT)
 
     def has_manifest(self, step_name: str) -> bool:
         self._fresh()
@@ -137,6 +147,8 @@ class ObjectStore:
         except FileNotFoundError:
             return {}
         base = strip_protocol(self.fs, base).rstrip("/") + "/"
+        # A key such as `step_N/../x` or `step_N//abs` is listed as the store keeps it: under a name that
+        # name_problem refuses, so it never matches a manifest entry that verify or a download accepts.
         return {path[len(base):]: int(info.get("size") or 0) for path, info in found.items()
                 if path.startswith(base) and info.get("type", "file") == "file"}
 
@@ -147,8 +159,10 @@ class ObjectStore:
             manifest = self.read_manifest(step_name)
         except FileNotFoundError:
             return Verification(False, f"{MANIFEST} is missing (the save did not finish)")
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             return Verification(False, f"{MANIFEST} is unreadable: {exc}")
+        except ValueError as exc:  # each reason names the document
+            return Verification(False, str(exc))
         files = manifest["files"]
         if TRAINER_STATE not in files:
             return Verification(False, f"{TRAINER_STATE} is not listed in the manifest")
@@ -168,6 +182,12 @@ class ObjectStore:
                     found = self._object_checksum(step_name, name, listed[0])  # else: read every byte
                 if found != listed[1]:
                     return Verification(False, f"{name} does not match its {listed[0]} in the manifest")
+        try:
+            self.read_trainer_state(step_name)
+        except OSError as exc:
+            return Verification(False, f"{TRAINER_STATE} is unreadable: {exc}")
+        except ValueError as exc:
+            return Verification(False, str(exc))
         return Verification(True, "", sum(int(meta["size"]) for meta in files.values()))
 
     @property
@@ -210,11 +230,11 @@ class ObjectStore:
 
     def read_pointer(self, name: str) -> str | None:
         """The checkpoint a pointer object (`latest`, `best`) names, or None (missing or not a step name)."""
-        try:
-            value = self.read_bytes(name).decode().strip()
-        except (OSError, UnicodeDecodeError):
+        try:  # a few bytes more than any step name: a huge object is never read whole
+            data = self.fs.cat_file(self._path(name), start=0, end=MAX_POINTER_BYTES + 1)
+        except OSError:
             return None
-        return value if parse_step(value) is not None else None
+        return pointer_target(data, self.url(name), lambda value: parse_step(value) is not None)
 
     def write_pointer(self, name: str, target: str) -> None:
         self.fs.pipe_file(self._path(name), (target + "\n").encode())
@@ -319,7 +339,7 @@ class ObjectStore:
         """Downloads a committed checkpoint's files (those `want` accepts) into `dest`, checking each one's size
         and checksum against the manifest; writes the manifest there too. Returns `dest`.
         Raises OSError naming the first file that does not match."""
-        manifest = self.read_manifest(step_name)
+        manifest = self.read_manifest(step_name)  # every name checked: relative, normalized, inside
         files = {name: meta for name, meta in manifest["files"].items() if want(name)}
         dest.mkdir(parents=True, exist_ok=True)
         total = sum(int(meta["size"]) for meta in files.values())
@@ -327,17 +347,22 @@ class ObjectStore:
                 ThreadPoolExecutor(max_workers=max(1, min(PARALLEL_TRANSFERS, len(files)))) as pool:
             list(pool.map(lambda item: self._download_file(step_name, item[0], item[1], dest, bar.update),
                           sorted(files.items())))
-        (dest / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        atomic_write_text(dest / MANIFEST, json.dumps(manifest, indent=1), durable=False)
         return dest
 
     def _download_file(self, step_name: str, name: str, meta: dict, dest: Path,
                        advance: Callable[[int], object]) -> None:
+        problem = name_problem(name)  # read_manifest refused such names already; a download never trusts that
+        if problem is not None:
+            raise OSError(f"{self.url(step_name)}: {problem}")
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        part = target.with_name(f".{target.name}.part")
+        target = inside(target, dest)  # after resolving every link: below the staging dir, or refused
+        part = fresh_temp_name(target)
         algorithm, expected = entry_checksum(meta) or ("sha256", None)
         digest, size = new_hasher(algorithm), 0
-        with self.fs.open(self._path(step_name, name), "rb", block_size=CHUNK) as src, open(part, "wb") as dst:
+        with self.fs.open(self._path(step_name, name), "rb", block_size=CHUNK) as src, \
+                open(create_new_file(part), "wb") as dst:
             while chunk := src.read(CHUNK):
                 digest.update(chunk)
                 dst.write(chunk)

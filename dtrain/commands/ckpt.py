@@ -14,9 +14,11 @@ from typing import Any, Iterator
 
 import yaml
 
+from dtrain.checkpoint.documents import loads, read_local
 from dtrain.checkpoint.layout import BEST, LATEST, MANIFEST, TRAINER_STATE, parse_step, step_dir_name
 from dtrain.checkpoint.location import (is_uri, local_path, split_checkpoint_uri, storage_and_name,
                                         storage_of_run)
+from dtrain.checkpoint.names import name_problem, regular_files
 from dtrain.checkpoint.records import current_lineage
 from dtrain.checkpoint.resolve import select_checkpoint
 from dtrain.checkpoint.retention import RetentionPolicy, checkpoints_to_delete
@@ -107,21 +109,26 @@ def describe_checkpoint(path: CheckpointLocation, checksums: bool = False) -> di
             manifest = storage.read_json(name, MANIFEST)
         except (OSError, ValueError):
             manifest = {}
-        files = dict(sorted(storage.object_sizes(name).items()))
+        files = {file: size for file, size in sorted(storage.object_sizes(name).items())
+                 if name_problem(file) is None}  # a key such as step_N/../x is no file of the checkpoint
         logged = []  # the run's metrics.jsonl stays in its local output dir
     else:
         path = local_path(path)
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            manifest = loads(read_local(path / MANIFEST))  # never through a link, never a fifo or device
         except (OSError, ValueError):
             manifest = {}
-        files = {str(p.relative_to(path)): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+        # Regular files only, listed without following links (a link to /dev/zero or /etc is never read).
+        files = {file: (path / file).lstat().st_size for file in regular_files(path)}
         # The run's own log holds the training loss at this step too; a checkpoint stores only the last eval.
-        logged = [r for r in read_records(path.parent.parent / "metrics.jsonl")
-                  if r.get("step") == step and "event" not in r]
+        log = path.parent.parent / "metrics.jsonl"
+        logged = [r for r in (read_records(log) if log.is_file() and not log.is_symlink() else [])
+                  if isinstance(r, dict) and r.get("step") == step and "event" not in r]
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)):
+        manifest = {}  # garbled: the status line says why (verify)
     metrics = {k: v for r in logged for k, v in r.items() if k not in ("step", "epoch", "kind")}
     if state.get("last_eval_step") == step:
-        metrics = {**state.get("last_eval", {}), **metrics}
+        metrics = {**(state.get("last_eval") or {}), **metrics}
     return {
         "path": str(path), "complete": check.ok, "problem": check.reason or None,
         "checksums_checked": checksums, "latest": storage.read_pointer(LATEST) == name,
@@ -221,9 +228,10 @@ def _run_monitor(storage: CheckpointStorage) -> tuple[str, str]:
     """The monitor and mode the run trained with (from its newest checkpoint's config)."""
     for name in reversed(storage.step_names()):
         config = _trainer_state_or_empty(storage, name).get("config") or {}
-        evaluation = config.get("eval") or {}
-        if evaluation.get("monitor"):
-            return evaluation["monitor"], evaluation.get("mode", "min")
+        evaluation = config.get("eval")
+        if isinstance(evaluation, dict) and isinstance(evaluation.get("monitor"), str) and evaluation["monitor"]:
+            mode = evaluation.get("mode", "min")
+            return evaluation["monitor"], mode if mode in ("min", "max") else "min"
     return "val_loss", "min"
 
 
