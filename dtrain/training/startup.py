@@ -135,7 +135,8 @@ def _load(trainer, source: Path | str) -> tuple[Path, dict[str, Any]]:
         trainer.load_state_dict(saved)  # counters, data position, LR plan, evaluation, early stopping
         return saved
 
-    return path, agreed_load(path.name, load, acc.device)
+    name = str(source).rstrip("/").rpartition("/")[2]  # step_N, whether a directory or an object-store URI
+    return path, agreed_load(name, load, acc.device)
 
 
 def _resume(trainer, source: Path | str, path: Path, saved: dict[str, Any]) -> None:
