@@ -43,7 +43,7 @@ def local_copy(location: CheckpointLocation,
     with tempfile.TemporaryDirectory(prefix="dtrain-ckpt-") as temp:
         try:
             yield store.download(name, Path(temp) / name, want=lambda file: any(file == f or (f.endswith("/") and file.startswith(f)) for f in files))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a manifest replaced by an unusable one since verify
             raise UsageError(f"cannot download {location}: {exc}") from None
 
 
