@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from dtrain.utils import warn_once
 MAX_DOCUMENT_BYTES = 64 << 20  # a manifest of 500,000 files; a trainer state is a few KB
 MAX_POINTER_BYTES = 64  # "step_000000120\n" is 15 bytes
 MAX_COUNT = 1 << 62  # steps, epochs, sample counts and sizes are far below this
-POINTER_NAMES = ("latest", "best")
+_HEX = re.compile(r"[0-9a-f]{1,128}")  # a checksum as manifests hold it
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"holds {name}, which is not a JSON number")
@@ -79,8 +80,7 @@ def manifest_problem(manifest: Any, format_name: str) -> str | None:
             return f"manifest.json has no valid size for {name} (a non-negative integer)"
         for algorithm in ALGORITHMS:
             value = meta.get(algorithm)
-            if value is not None and not (isinstance(value, str) and 0 < len(value) <= 128
-                                          and all(c in "0123456789abcdef" for c in value)):
+            if value is not None and not (isinstance(value, str) and _HEX.fullmatch(value)):
                 return f"manifest.json has a {algorithm} for {name} that is not lowercase hex"
     return None
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from dtrain.checkpoint.documents import (parse_manifest, parse_trainer_state, pointer_target, read_local,
                                          warn_once)
-from dtrain.checkpoint.names import local_file_problem, regular_files, symlink_problem
+from dtrain.checkpoint.names import LocalFiles, UnsafeFile, local_file_problem, regular_files, symlink_problem
 from dtrain.checkpoint.writer import FileDigest
 from dtrain.checksum import DEFAULT_CHECKSUM, entry_checksum, file_checksum
 from dtrain.utils import atomic_write_text, fsync_path
@@ -175,12 +175,12 @@ def verify_checkpoint(path: Path, checksums: bool = False) -> Verification:
         return Verification(False, str(exc))
     if TRAINER_STATE not in manifest["files"]:
         return Verification(False, f"{TRAINER_STATE} is not listed in the manifest")
-    total = 0
+    total, files = 0, LocalFiles(path)
     for name, meta in sorted(manifest["files"].items()):
-        problem = local_file_problem(path, name)  # lstat from the checkpoint down: nothing outside is touched
-        if problem is not None:
-            return Verification(False, problem)
-        size = (path / name).stat().st_size
+        try:
+            size = files.lstat(name).st_size  # lstat from the checkpoint down: nothing outside is touched
+        except UnsafeFile as exc:
+            return Verification(False, str(exc))
         if size != meta["size"]:
             return Verification(False, f"{name} has {size} bytes, the manifest says {meta['size']}")
         if checksums:
@@ -188,7 +188,7 @@ def verify_checkpoint(path: Path, checksums: bool = False) -> Verification:
             if listed is None:
                 return Verification(False, f"{name} has no checksum in the manifest")
             try:
-                if file_checksum(path / name, listed[0])[1] != listed[1]:
+                if file_checksum(files.path(name), listed[0])[1] != listed[1]:
                     return Verification(False, f"{name} does not match its {listed[0]} in the manifest")
             except OSError as exc:  # swapped for a link or a fifo since it was checked
                 return Verification(False, f"{name} cannot be read ({exc.strerror or exc})")

@@ -11,10 +11,14 @@ reached through real directories (checked with lstat, never by following a link)
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
 MAX_NAME_CHARS = 1024  # far longer than any name Accelerate or torch.distributed.checkpoint writes
+
+
+_UNSAFE_CHARACTERS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 def name_problem(name: object) -> str | None:
@@ -23,38 +27,72 @@ def name_problem(name: object) -> str | None:
         return f"the name {name!r} is not a file name"
     if len(name) > MAX_NAME_CHARS:
         return f"the name {name[:40]!r}... is longer than {MAX_NAME_CHARS} characters"
-    if any(ord(c) < 32 or c == "\x7f" for c in name) or "\\" in name:
+    if _UNSAFE_CHARACTERS.search(name):
         return f"the name {name!r} holds a backslash or a control character"
     if name.startswith("/"):
         return f"the name {name!r} is an absolute path"
-    parts = name.split("/")
-    if any(part in ("", ".", "..") for part in parts):
+    if any(part in ("", ".", "..") for part in name.split("/")):
         return f"the name {name!r} is not a normalized relative path (an empty, '.' or '..' component)"
     return None
 
 
-def local_file_problem(root: Path, name: str) -> str | None:
-    """Why `root/name` is not a regular file of the checkpoint at `root` (a name `name_problem` accepted), or None.
+class UnsafeFile(ValueError):
+    """A listed file that is not a regular file of the checkpoint (the message says why)."""
 
-    Every directory on the way must be a real directory and the file a regular file, each checked with lstat
-    from `root` down, so nothing outside the checkpoint is ever stat'ed or opened."""
-    path = Path(root)
-    parts = name.split("/")
-    for index, part in enumerate(parts):
-        path = path / part
+
+class LocalFiles:
+    """The files of one local checkpoint, each reached with lstat from its root down: every directory on the
+    way must be a real directory (each checked once) and the file a regular file, so nothing outside the
+    checkpoint is ever stat'ed or opened. For names `name_problem` accepted."""
+
+    def __init__(self, root: Path):
+        self.root = os.fspath(root)
+        self._directories: set[str] = set()
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def lstat(self, name: str) -> os.stat_result:
+        """The lstat of a regular file of the checkpoint; UnsafeFile when it is anything else or missing."""
+        parent, _, _ = name.rpartition("/")
+        if parent and parent not in self._directories:
+            self._check_directories(name, parent)
         try:
-            info = os.lstat(path)
+            info = os.lstat(self.path(name))
         except FileNotFoundError:
-            return f"{name} is missing"
+            raise UnsafeFile(f"{name} is missing") from None
         except OSError as exc:
-            return f"{name} cannot be read ({exc.strerror or exc})"
-        last = index == len(parts) - 1
+            raise UnsafeFile(f"{name} cannot be read ({exc.strerror or exc})") from None
         if stat.S_ISLNK(info.st_mode):
-            return f"{name} is a symbolic link (a checkpoint holds only regular files)"
-        if not last and not stat.S_ISDIR(info.st_mode):
-            return f"{name} is missing ({'/'.join(parts[:index + 1])} is not a directory)"
-        if last and not stat.S_ISREG(info.st_mode):
-            return f"{name} is not a regular file (a directory, device, fifo or socket)"
+            raise UnsafeFile(f"{name} is a symbolic link (a checkpoint holds only regular files)")
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsafeFile(f"{name} is not a regular file (a directory, device, fifo or socket)")
+        return info
+
+    def _check_directories(self, name: str, parent: str) -> None:
+        walked = ""
+        for part in parent.split("/"):
+            walked = f"{walked}/{part}" if walked else part
+            if walked in self._directories:
+                continue
+            try:
+                info = os.lstat(self.path(walked))
+            except OSError:
+                raise UnsafeFile(f"{name} is missing") from None
+            if stat.S_ISLNK(info.st_mode):
+                raise UnsafeFile(f"{name} is a symbolic link (its directory {walked} is one; a checkpoint "
+                                 f"holds only regular files)")
+            if not stat.S_ISDIR(info.st_mode):
+                raise UnsafeFile(f"{name} is missing ({walked} is not a directory)")
+            self._directories.add(walked)
+
+
+def local_file_problem(root: Path, name: str) -> str | None:
+    """Why `root/name` is not a regular file of the checkpoint at `root` (see LocalFiles), or None."""
+    try:
+        LocalFiles(root).lstat(name)
+    except UnsafeFile as exc:
+        return str(exc)
     return None
 
 
