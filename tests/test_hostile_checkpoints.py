@@ -128,6 +128,17 @@ def test_a_link_to_a_device_a_fifo_and_a_link_outside_are_refused_before_anythin
     assert decoys.intact()
 
 
+def test_an_unlisted_link_or_fifo_that_a_load_would_open_by_name_makes_the_checkpoint_damaged(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "checkpoints", 10)
+    (checkpoint / "random_states_0.pkl").symlink_to("/dev/zero")  # Accelerate opens it by name, listed or not
+    check = finishes(lambda: verify_checkpoint(checkpoint))
+    assert not check.ok and "random_states_0.pkl is a symbolic link" in check.reason
+    (checkpoint / "random_states_0.pkl").unlink()
+    (checkpoint / "sub").mkdir()
+    os.mkfifo(checkpoint / "sub" / "optimizer.bin")
+    assert "sub/optimizer.bin is not a regular file" in finishes(lambda: verify_checkpoint(checkpoint)).reason
+
+
 def test_a_symlinked_directory_inside_a_checkpoint_is_never_entered(tmp_path, decoys):
     checkpoint = make_checkpoint(tmp_path / "checkpoints", 10)
     (checkpoint / "sub").symlink_to(decoys.dir)

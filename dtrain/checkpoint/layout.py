@@ -17,7 +17,8 @@ from typing import Any, Mapping
 
 from dtrain.checkpoint.documents import (parse_manifest, parse_trainer_state, pointer_target, read_local,
                                          warn_once)
-from dtrain.checkpoint.names import LocalFiles, UnsafeFile, local_file_problem, regular_files, symlink_problem
+from dtrain.checkpoint.names import (LocalFiles, UnsafeFile, irregular_entry_problem, local_file_problem, regular_files,
+                                     symlink_problem)
 from dtrain.checkpoint.writer import FileDigest
 from dtrain.checksum import DEFAULT_CHECKSUM, entry_checksum, file_checksum
 from dtrain.utils import atomic_write_text, fsync_path
@@ -193,6 +194,9 @@ def verify_checkpoint(path: Path, checksums: bool = False) -> Verification:
             except OSError as exc:  # swapped for a link or a fifo since it was checked
                 return Verification(False, f"{name} cannot be read ({exc.strerror or exc})")
         total += size
+    stray = irregular_entry_problem(path)  # a link among the unlisted files would still be opened by name
+    if stray is not None:
+        return Verification(False, stray)
     try:
         read_trainer_state(path)
     except OSError as exc:

@@ -87,6 +87,23 @@ class LocalFiles:
             self._directories.add(walked)
 
 
+def irregular_entry_problem(root: Path) -> str | None:
+    """Why a checkpoint directory holds something besides real directories and regular files (a link, device,
+    fifo or socket, listed in its manifest or not: Accelerate opens files by name), or None. Walks the tree
+    without following anything; the entries' types come with the listing (no extra system call)."""
+    pending = [os.fspath(root)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif not entry.is_file(follow_symlinks=False):
+                    name = os.path.relpath(entry.path, root)
+                    kind = "a symbolic link" if entry.is_symlink() else "not a regular file"
+                    return f"{name} is {kind} (a checkpoint holds only directories and regular files)"
+    return None
+
+
 def local_file_problem(root: Path, name: str) -> str | None:
     """Why `root/name` is not a regular file of the checkpoint at `root` (see LocalFiles), or None."""
     try:
