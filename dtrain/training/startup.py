@@ -22,6 +22,7 @@ from dtrain.checkpoint.resolve import find_latest
 from dtrain.config import write_config
 from dtrain.distributed import run_and_agree
 from dtrain.errors import UsageError
+from dtrain.redact import redact_values
 from dtrain.training import certificate
 from dtrain.training import resume as resume_checks
 from dtrain.training.shared_dir import check_every_node_sees, directory_every_node_must_see
@@ -194,5 +195,5 @@ def _init_trackers(trainer) -> None:
     step = trainer.state.global_step
     purge = {"tensorboard": {"purge_step": step + 1}} if step else {}
     trainer.accelerator.init_trackers(trainer.task.name.replace(":", "_"), init_kwargs=purge,
-                                      config={k: v for k, v in config.flat().items()
-                                              if isinstance(v, (int, float, str, bool))})
+                                      config={k: v for k, v in redact_values(config.flat()).items()
+                                              if isinstance(v, (int, float, str, bool))})  # no credentials
