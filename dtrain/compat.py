@@ -73,6 +73,18 @@ def registered_objects_hidden(accelerator) -> Iterator[list]:
         accelerator._custom_objects = objects  # noqa: SLF001
 
 
+@contextlib.contextmanager
+def models_and_optimizers_hidden(accelerator) -> Iterator[None]:
+    """While the block runs, `load_state` sees no prepared models and optimizers (the caller loads them itself:
+    a sharded PEFT checkpoint holds only the adapter, which Accelerate's FSDP loader would refuse as incomplete)."""
+    models, optimizers = accelerator._models, accelerator._optimizers  # noqa: SLF001
+    accelerator._models, accelerator._optimizers = [], []  # noqa: SLF001
+    try:
+        yield
+    finally:
+        accelerator._models, accelerator._optimizers = models, optimizers  # noqa: SLF001
+
+
 def only_dtrain_writable_state(accelerator) -> bool:
     """True when `save_state` would write nothing beyond models, optimizers, schedulers, scaler and RNG: no
     save-state pre-hooks, no prepared dataloaders, no registered objects."""

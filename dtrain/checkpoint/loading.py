@@ -28,7 +28,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from dtrain import compat
-from dtrain.checkpoint.sharded import UnsafeCheckpoint
+from dtrain.checkpoint.adapters import is_adapter_model
+from dtrain.checkpoint.sharded import SHARDED_MODEL_PREFIX, SHARDED_OPTIMIZER_PREFIX, UnsafeCheckpoint
+from dtrain.checkpoint.snapshot import is_fsdp2
 from dtrain.distributed import gather_objects, is_lost_peer, run_and_agree
 from dtrain.errors import CheckpointError, UsageError
 
@@ -51,18 +53,27 @@ def safe_load(file: Path, map_location: Any = "cpu") -> Any:
 
 
 def load_prepared_state(accelerator, path: Path) -> None:
-    """`accelerator.load_state(path)`, except that registered objects are restored with weights_only=True."""
+    """`accelerator.load_state(path)`, except that registered objects are restored with weights_only=True.
+    A PEFT model's checkpoint holds only its trainable tensors (adapters.py): loaded with strict=False, the
+    frozen base stays as the run rebuilt it (the caller has checked that the file holds every trainable one)."""
     path = Path(path)
+    adapters = any(is_adapter_model(m) for m in compat.prepared_models(accelerator))
+    kwargs = {"strict": False} if adapters else {}
+    if adapters and is_fsdp2(accelerator):
+        with compat.models_and_optimizers_hidden(accelerator):
+            load_prepared_state(accelerator, path)  # scheduler, scaler, RNG, registered objects
+        load_sharded_adapters(accelerator, path)
+        return
     custom_files = sorted(p.name for p in path.iterdir() if CUSTOM_FILE.match(p.name))
     objects = compat.registered_objects(accelerator)
     if len(custom_files) != len(objects):  # Accelerate refuses this too, before reading anything
         raise ValueError(f"it holds {len(custom_files)} file(s) of registered objects (custom_checkpoint_*.pkl) "
                          f"and this run registered {len(objects)} object(s) with register_for_checkpointing")
     if not objects:
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(path), **kwargs)
         return
     with _without_custom_files(path) as view, compat.registered_objects_hidden(accelerator):
-        accelerator.load_state(str(view))
+        accelerator.load_state(str(view), **kwargs)
     for index, obj in enumerate(objects):
         file = path / f"custom_checkpoint_{index}.pkl"
         try:
@@ -70,6 +81,26 @@ def load_prepared_state(accelerator, path: Path) -> None:
         except Exception as exc:  # noqa: BLE001 - named with the file: Accelerate's own message would not say
             raise ValueError(f"{file.name}: {type(exc).__name__}: {exc}") from None
         obj.load_state_dict(state)
+
+
+def load_sharded_adapters(accelerator, path: Path) -> None:
+    """The sharded (FSDP2) state of PEFT models: their trainable parameters (the DCP directory holds no frozen
+    ones; each rank reads its shards) and their optimizers' state, as Accelerate's FSDP2 loader reads them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    models = compat.prepared_models(accelerator)
+    for i, model in enumerate(models):
+        state = {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))}
+        dcp.load(state, checkpoint_id=str(path / f"{SHARDED_MODEL_PREFIX}{i}"))
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    for i, optimizer in enumerate(compat.prepared_optimizers(accelerator)):
+        torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # the one Accelerate wraps
+        state = {"optimizer": get_optimizer_state_dict(models[i], torch_optimizer)}
+        dcp.load(state, checkpoint_id=str(path / f"{SHARDED_OPTIMIZER_PREFIX}{i}"))
+        set_optimizer_state_dict(models[i], torch_optimizer, state["optimizer"])
 
 
 @contextlib.contextmanager

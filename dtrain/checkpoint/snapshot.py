@@ -7,6 +7,8 @@ optimizer/scheduler/scaler state, `custom_checkpoint_{i}.pkl` for each object re
 Under sharding (FSDP2) each rank's snapshot holds its own shards of the model and optimizer state instead, staged
 to host memory by torch.distributed.checkpoint's stager and written as the DCP directories `save_state` writes
 (`pytorch_model_fsdp_{i}/`, `optimizer_{i}/`), by every rank, over the process group it is given.
+A PEFT model (a frozen base with an adapter) is listed with its trainable tensors only (adapters.py), in
+`model.safetensors` under the same names, or under FSDP2 in its DCP directory without the frozen parameters.
 A synchronous save uses the same listing without the copy (`take_snapshot(accelerator, None)`: references to the
 live state, which nothing changes while the loop waits), so both write through the one-pass writer.
 """
@@ -24,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.utils import clean_state_dict_for_safetensors
 
 from dtrain import compat
+from dtrain.checkpoint.adapters import is_adapter_model, only_trainable
 from dtrain.checkpoint.sharded import SHARDED_MODEL_PREFIX, SHARDED_OPTIMIZER_PREFIX
 from dtrain.checkpoint.writer import SAFETENSORS, TORCH, FileDigest, write_files
 from dtrain.checksum import DEFAULT_CHECKSUM
@@ -199,7 +202,9 @@ def writes_like_save_state(accelerator: Accelerator) -> bool:
     """Whether a snapshot's files are all that `save_state` would write: no sharded state, nothing that only
     `save_state` knows how to save (its pre-hooks, prepared dataloaders, registered objects), and the main
     process alone writes the weights (no `save_on_each_node`)."""
-    return (supports_snapshot(accelerator) and not is_fsdp2(accelerator)
+    # Sharded state goes through save_state, except a PEFT model's: save_state would write its frozen base too.
+    sharded_adapter = is_fsdp2(accelerator) and any(is_adapter_model(m) for m in compat.prepared_models(accelerator))
+    return (supports_snapshot(accelerator) and (not is_fsdp2(accelerator) or sharded_adapter)
             and compat.only_dtrain_writable_state(accelerator)
             and not accelerator.project_configuration.save_on_each_node)
 
@@ -250,7 +255,7 @@ def _take(accelerator: Accelerator, copier) -> Snapshot:
     if is_fsdp2(accelerator):
         snap.sharded = {name: copier.copy_shards(state) for name, state in _shards(accelerator).items()}
     else:
-        models = [accelerator.get_state_dict(m, unwrap=False) for m in compat.prepared_models(accelerator)]
+        models = [_model_state(accelerator, m) for m in compat.prepared_models(accelerator)]
     if snap.is_main and not snap.sharded:
         snap.models = [copier.copy(m, ("model", i)) for i, m in enumerate(models)]
         snap.optimizers = [copier.copy(o.state_dict(), ("optimizer", i))
@@ -268,13 +273,22 @@ def _take(accelerator: Accelerator, copier) -> Snapshot:
     return snap
 
 
+def _model_state(accelerator: Accelerator, model) -> dict:
+    """What `save_state` saves of a model; of a PEFT model only the tensors that train."""
+    state = accelerator.get_state_dict(model, unwrap=False)
+    return only_trainable(state, model) if is_adapter_model(model) else state
+
+
 def _shards(accelerator: Accelerator) -> dict[str, dict]:
     """This rank's sharded model and optimizer state, under the DCP directories and keys of Accelerate's
-    save_state under FSDP2 (optimizer i goes with model i, as Accelerate pairs them)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    save_state under FSDP2 (optimizer i goes with model i, as Accelerate pairs them); of a PEFT model, only
+    the parameters that train."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     models = compat.prepared_models(accelerator)
-    shards = {f"{SHARDED_MODEL_PREFIX}{i}": {"model": get_model_state_dict(model)} for i, model in enumerate(models)}
+    shards = {f"{SHARDED_MODEL_PREFIX}{i}": {"model": get_model_state_dict(
+        model, options=StateDictOptions(ignore_frozen_params=is_adapter_model(model)))}
+        for i, model in enumerate(models)}
     for i, optimizer in enumerate(compat.prepared_optimizers(accelerator)):
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # the one Accelerate wraps
         shards[f"{SHARDED_OPTIMIZER_PREFIX}{i}"] = {"optimizer": get_optimizer_state_dict(models[i], torch_optimizer)}

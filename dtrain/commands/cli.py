@@ -96,10 +96,12 @@ def _add_ckpt(commands) -> None:
                                            "Hugging Face model directory, for inference")
     export.add_argument("path", help="a checkpoint dir, or a run's output dir (then --which)")
     export.add_argument("--which", choices=("best", "latest"), help="for an output dir (default: best, else latest)")
-    export.add_argument("--format", choices=("safetensors", "hf"), default="safetensors",
-                        help="safetensors: one file; hf: a directory from_pretrained loads (causal-lm runs)")
+    export.add_argument("--format", choices=("safetensors", "hf", "peft"), default="safetensors",
+                        help="safetensors: one file; hf: a directory from_pretrained loads (causal-lm runs; a "
+                             "LoRA adapter merged into its base); peft: the adapter as PeftModel.from_pretrained "
+                             "loads it (--peft runs)")
     export.add_argument("--out", required=True, metavar="FILE|DIR",
-                        help="where to write, e.g. model.safetensors (--format hf: a directory)")
+                        help="where to write, e.g. model.safetensors (--format hf and peft: a directory)")
     export.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
 
 

@@ -98,6 +98,10 @@ def export_command(args) -> None:
             from dtrain.integrations.hf_export import export_hf_command
 
             return export_hf_command(local, Path(args.out), args.dtype)
+        if getattr(args, "format", "safetensors") == "peft":
+            from dtrain.integrations.hf_export import export_peft_command
+
+            return export_peft_command(local, Path(args.out), args.dtype)
         info = export_checkpoint(local, Path(args.out), args.dtype, source=str(checkpoint))
     print(f"exported {checkpoint} (step {info['step']}, {info['task']}) to {info['path']}: "
           f"{info['tensors']} tensors as {args.dtype}, {human_size(info['bytes'])}")

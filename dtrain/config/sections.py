@@ -20,7 +20,10 @@ def _opt(help: str, choices: tuple | None = None, **kwargs) -> dict:
 
 
 BUILTIN_TASKS = ("charlm", "regression", "causal-lm")
-HF_ONLY_FIELDS = ("model", "model_config", "tokenizer", "streaming", "gradient_checkpointing")
+HF_ONLY_FIELDS = ("model", "model_config", "tokenizer", "streaming", "gradient_checkpointing", "peft", "peft_config")
+PEFT_METHODS = ("none", "lora")
+# None = not given: peft's own default (r 8, alpha 8, dropout 0, the target modules peft knows for the architecture).
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 
 @dataclass
@@ -45,6 +48,16 @@ class TaskConfig:
     eval_fraction: float = field(default=0.05, **_opt("causal-lm: share of the data held out for evaluation"))
     sample_prompt: str = field(default="def ", **_opt("causal-lm: prompt of the eval samples"))
     gradient_checkpointing: bool = field(default=False, **_opt("causal-lm: recompute activations in backward"))
+    # causal-lm: a PEFT adapter on a frozen base (extra: pip install -e ".[hf]"); checkpoints hold the adapter only
+    peft: str = field(default="none", **_opt("causal-lm: train an adapter on the frozen model", PEFT_METHODS))
+    lora_r: int | None = field(default=None, **_opt("--peft lora: the adapter's rank (default: peft's, 8)"))
+    lora_alpha: float | None = field(default=None, **_opt("--peft lora: the scaling alpha (default: peft's, 8)"))
+    lora_dropout: float | None = field(default=None, **_opt("--peft lora: dropout before the adapter (default 0)"))
+    lora_target_modules: str | None = field(default=None, **_opt(
+        "--peft lora: module names to adapt, A,B or all-linear (default: what peft picks for the architecture)"))
+    peft_config: str | None = field(default=None, **_opt(
+        "causal-lm: a peft config (adapter_config.json as PeftConfig.save_pretrained writes it, or its directory) "
+        "instead of the lora flags"))
 
     def validate(self) -> None:
         _check(self.block_size >= 1, "block_size", self.block_size, "an integer >= 1")
@@ -69,10 +82,28 @@ class TaskConfig:
                "a non-empty text (or sample_chars 0)")
         for name in ("model", "model_config", "tokenizer"):
             _check(getattr(self, name) != "", name, "", "a path or hub id")
+        self._validate_peft()
         if self.task in ("charlm", "regression"):  # user tasks may read these fields too
-            given = [name for name in HF_ONLY_FIELDS if getattr(self, name) not in (None, False)]
+            given = [name for name in HF_ONLY_FIELDS if getattr(self, name) not in (None, False, "none")]
             _check(not given, given[0] if given else "", getattr(self, given[0]) if given else None,
                    "a value only with task causal-lm")
+
+    def _validate_peft(self) -> None:
+        given = [name for name in LORA_FIELDS if getattr(self, name) is not None]
+        if given and self.peft != "lora":
+            _check(False, given[0], getattr(self, given[0]), "a value only with peft lora")
+        if given and self.peft_config:
+            _check(False, given[0], getattr(self, given[0]), "no value with peft_config (the file holds it)")
+        _check(self.lora_r is None or self.lora_r >= 1, "lora_r", self.lora_r, "an integer >= 1")
+        _check(self.lora_alpha is None or (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)), "lora_alpha",
+               self.lora_alpha, "a positive number")
+        _check(self.lora_dropout is None or 0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout,
+               "a number in [0, 1)")
+        if self.lora_target_modules is not None:
+            names = [name.strip() for name in self.lora_target_modules.split(",")]
+            _check(all(names), "lora_target_modules", self.lora_target_modules,
+                   "module names separated by commas (A,B), or all-linear")
+        _check(self.peft_config != "", "peft_config", "", "a peft config file (adapter_config.json) or its directory")
 
 
 @dataclass

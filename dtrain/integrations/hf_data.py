@@ -5,6 +5,9 @@ Sources: text files or a folder of them; a directory written by `datasets.save_t
 default corpus) so the task runs offline. Each document's tokens are followed by the tokenizer's EOS (when it
 has one) and documents are concatenated before packing.
 
+A `.jsonl` file of {"prompt", "completion"} or {"messages"} records is instruction data instead: one sample per
+record, the prompt masked out of the loss (hf_instructions.py).
+
 Held-out blocks: every `period`-th block (period = round(1 / eval_fraction)) is an eval block, the rest train,
 for map-style data and streams alike. A `datasets` source with a `validation` (or `test`) split uses it instead.
 
@@ -20,7 +23,7 @@ import itertools
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import Dataset
@@ -39,6 +42,8 @@ class LMData:
     train: Dataset  # map-style TokenBlocks, or a datasets.IterableDataset with --streaming
     eval: Dataset | None
     fingerprint: str
+    collate: Callable[[list[dict]], dict] | None = None  # None: collate_blocks
+    eval_prompts: list[list[int]] | None = None  # instruction data: what eval samples continue
 
 
 class TokenBlocks(Dataset):
@@ -240,6 +245,11 @@ def load_lm_data(config: TaskConfig, tokenizer) -> LMData:
     if data is not None and not path.exists() and _looks_like_path(data):
         raise UsageError(f"invalid value for data: {data!r} does not exist; accepted: text files, a folder, a "
                          f"datasets save_to_disk directory or a datasets name")
+    if path is not None:
+        from dtrain.integrations.hf_instructions import is_instruction_file
+
+        if is_instruction_file(path):  # prompt/completion or chat records: one sample each, prompt masked
+            return _instruction_data(config, tokenizer, period)
     if data is None or (path.exists() and not is_saved_dataset(path)):
         return _text_data(config, tokenizer, block, period)
     return _datasets_data(config, tokenizer, block, period)
@@ -288,3 +298,22 @@ def _text_data(config: TaskConfig, tokenizer, block: int, period: int) -> LMData
     train_blocks, eval_blocks = _split_blocks(blocks, period)
     _check_enough(len(train_blocks), len(eval_blocks), source, config)
     return LMData(TokenBlocks(_blocks_tensor(train_blocks, block)), _eval_split(eval_blocks, block), fingerprint)
+
+
+def _instruction_data(config: TaskConfig, tokenizer, period: int) -> LMData:
+    """One sample per record, every period-th held out; padded per batch; the first eval prompts for samples."""
+    from dtrain.integrations.hf_instructions import SAMPLE_PROMPTS, InstructionSamples, load_samples, \
+        pad_id_of, padding_collate
+
+    files, limits, source = text_files(config.data, config.corpus_bytes)
+    fingerprint = "instructions:" + _files_fingerprint(files, limits, source, streaming=False)
+    samples = load_samples(config, tokenizer)
+    train = [s for i, s in enumerate(samples) if not is_eval_block(i, period)]
+    held_out = [s for i, s in enumerate(samples) if is_eval_block(i, period)]
+    if not train or (config.eval_fraction > 0 and not held_out):
+        raise UsageError(f"invalid value for data: {config.data} gives {len(train)} train and {len(held_out)} "
+                         f"eval samples; accepted: enough records for at least one of each (lower eval_fraction, "
+                         f"or add records)")
+    return LMData(InstructionSamples(train), InstructionSamples(held_out) if held_out else None, fingerprint,
+                  collate=padding_collate(pad_id_of(tokenizer)),
+                  eval_prompts=[s.prompt for s in (held_out or train) if s.prompt][:SAMPLE_PROMPTS] or None)

@@ -10,6 +10,7 @@ from typing import Any
 
 from accelerate.logging import get_logger
 
+from dtrain.checkpoint.adapters import is_adapter_model, trainable_names
 from dtrain.checkpoint.layout import read_trainer_state
 from dtrain.checkpoint.sharded import SHARDED_MODEL_DIR, is_sharded, model_weights_file
 from dtrain.config import Config
@@ -35,6 +36,7 @@ def check_compatible(saved: dict[str, Any], task, config: Config, model, path: P
     """Raises UsageError for a checkpoint that cannot be loaded; warns about changes that can."""
     if saved.get("task") not in (None, task.name):
         raise UsageError(f"--resume: {path} was written by task {saved.get('task')!r}, this run trains {task.name!r}")
+    _check_same_base(saved, task, path)
     shape_changes = _differences(saved.get("shape") or {}, task.shape)
     if shape_changes and not config.checkpoint.allow_config_change:
         raise UsageError(f"--resume: the model shape changed since {path.name} ({'; '.join(shape_changes)}); "
@@ -50,6 +52,20 @@ def check_compatible(saved: dict[str, Any], task, config: Config, model, path: P
             logger.warning(f"config changed since {path.name}: {'; '.join(changes)}")
     if saved.get("fingerprint") and saved["fingerprint"] != task.fingerprint:
         logger.warning(f"the training data changed since {path.name}: {saved['fingerprint']} -> {task.fingerprint}")
+
+
+def _check_same_base(saved: dict[str, Any], task, path: Path) -> None:
+    """A PEFT checkpoint holds only the adapter: it continues only on the frozen base it was trained on."""
+    before, now = (saved.get("shape") or {}).get("frozen_base"), task.shape.get("frozen_base")
+    if before != now and (before or now):
+        if not before or not now:
+            what = "an adapter on a frozen base" if before else "the whole model"
+            raise UsageError(f"--resume: {path.name} holds {what} and this run trains "
+                             f"{'the whole model' if before else 'an adapter on a frozen base'}; resume it as it "
+                             f"was trained (--peft)")
+        raise UsageError(f"--resume: the frozen base model changed since {path.name} (its fingerprint was "
+                         f"{before}, the base this run built has {now}); resume with the --model it was trained "
+                         f"on")
 
 
 def _check_same_sharding(saved: dict[str, Any], config: Config, path: Path) -> None:
@@ -71,6 +87,9 @@ def check_tensors_fit(path: Path, model, weights: Path | None = None) -> None:
     weights = weights or path / "model.safetensors"
     if not weights.exists():
         return  # sharded (FSDP) layouts are checked by Accelerate itself
+    if is_adapter_model(model):
+        _check_adapter_fits(weights, model)
+        return
     fit = check_fits(weights, model)
     if fit.duplicated:
         # Accelerate's load_state (safetensors' load_model, strict) refuses a tied tensor saved twice.
@@ -78,6 +97,22 @@ def check_tensors_fit(path: Path, model, weights: Path | None = None) -> None:
         raise UsageError(f"{weights} holds tied tensors under several names ({names}), which Accelerate's "
                          f"load_state refuses (an --async-save checkpoint of an older dtrain); start from its "
                          f"weights with --init-from {path} instead")
+
+
+def _check_adapter_fits(weights: Path, model) -> None:
+    """A PEFT checkpoint must hold every trainable tensor of the model, with its shape (it is loaded not
+    strictly: a missing one would silently start from scratch). Frozen tensors in it (a checkpoint written by
+    Accelerate's own save_state) load onto the base they were checked to be."""
+    from dtrain.weights import saved_shapes
+
+    saved, state = saved_shapes(weights), model.state_dict()
+    problems = [f"{name}: missing in the checkpoint" for name in sorted(trainable_names(model) - saved.keys())]
+    problems += [f"{name}: not in the model" for name in saved if name not in state]
+    problems += [f"{name}: checkpoint {shape} vs model {tuple(state[name].shape)}" for name, shape in saved.items()
+                 if name in state and tuple(shape) != tuple(state[name].shape)]
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UsageError(f"{weights} does not fit the model's adapter: {'; '.join(problems[:3])}{more}")
 
 
 def load_initial_weights(model, source: str) -> None:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dtrain.checkpoint import CheckpointManager, RetentionPolicy
+from dtrain.checkpoint.adapters import frozen_base_identity
 from dtrain.checkpoint.location import run_checkpoints
 from dtrain.checkpoint.store_commit import STAGING_DIR
 from dtrain.config import Config
@@ -122,6 +123,10 @@ class Trainer:
         self.total_steps = self._planned_steps()
         # Recorded in every checkpoint: a sharded one stores each name of a tied tensor, and its export keeps one.
         self.tied_weights = tied_names(self.task.model)
+        # A PEFT model's checkpoints hold only its adapter: they name the frozen base it belongs to (resume.py).
+        frozen_base = frozen_base_identity(self.task.model)
+        if frozen_base:
+            self.task.shape = {**self.task.shape, "frozen_base": frozen_base}
         self.model, self.optimizer, self.scheduler, self.lr = self._prepare_model(optimizer)
         budget = TimeBudget(parse_duration(cfg.train.max_time)) if cfg.train.max_time else None  # --max-time
         self.save_policy = SavePolicy(ckpt, self.total_steps, self.is_main, self.interrupts, acc.device, budget)
