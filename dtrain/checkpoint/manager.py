@@ -152,9 +152,7 @@ class CheckpointManager:
         self.wait()  # at most one save in flight; waiting for it counts as blocking
         temp = self.commit.staging_dir(step)
         self._saves_started += 1
-        state = {**trainer_state, "checkpoint_metric": {"name": self.monitor, "value": metric},
-                 "run_id": self.run_id, "parent": self.parent,
-                 "ancestry": [{"run_id": run, "step": until} for run, until in self.ancestry]}
+        state = self.checkpoint_state(trainer_state, metric)
         phases = self._phases(step, temp, None)
         if not self._registered_checked:  # once: a checkpoint they would make unloadable fails the first save
             phases(lambda: check_registered_state(self.accelerator))
@@ -170,6 +168,32 @@ class CheckpointManager:
         self._background.start(lambda copied: self._save_in_background(step, temp, state, snapshot, copied,
                                                                        started), started)
         return SaveReport(step, self.location(step), 0, self._background.blocking_seconds, float("nan"))
+
+    def checkpoint_state(self, trainer_state: dict[str, Any], metric: float | None) -> dict[str, Any]:
+        """The trainer_state.json of a checkpoint of this run: the trainer's state, the monitored metric and
+        the lineage (also what the node-local tier writes, so that a promoted local checkpoint fits in)."""
+        return {**trainer_state, "checkpoint_metric": {"name": self.monitor, "value": metric},
+                "run_id": self.run_id, "parent": self.parent,
+                "ancestry": [{"run_id": run, "step": until} for run, until in self.ancestry]}
+
+    def commit_copy(self, step: int, source: Path, names: list[str]) -> SaveReport:
+        """Commits, with the same protocol as a save, a checkpoint whose files exist elsewhere (a node-local one
+        being promoted): every rank copies `names` (the files it would have written) from its own `source`
+        directory into the staging dir. Call on every rank."""
+        started = time.perf_counter()
+        self.wait()
+        temp = self.commit.staging_dir(step)
+        phases = self._phases(step, temp, None)
+        phases(lambda: self._prepare(temp))
+
+        def copy() -> None:
+            for name in names:
+                (temp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / name, temp / name)
+            self._written = {}  # hashed (and fsynced) by the commit, from what was copied
+
+        phases(copy)
+        return self._commit_and_prune(step, temp, started, phases)
 
     def before_optimizer_step(self) -> None:
         """Call right before every optimizer.step(): waits until an async save's copy of the parameters and

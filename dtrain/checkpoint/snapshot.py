@@ -222,20 +222,23 @@ def is_fsdp2(accelerator: Accelerator) -> bool:
     return str(accelerator.distributed_type) in ("DistributedType.FSDP", "FSDP") and accelerator.is_fsdp2
 
 
-def take_snapshot(accelerator: Accelerator, copier: HostCopier | None, defer: bool = False) -> Snapshot:
+def take_snapshot(accelerator: Accelerator, copier: HostCopier | None, defer: bool = False,
+                  full_state: bool | None = None) -> Snapshot:
     """Copies model, optimizer, scheduler, scaler and RNG state to host memory (call on every rank).
     Without a copier it holds references to the live state instead: for a save that writes before training goes on.
 
     With `defer`, parameters and optimizer state - which only `optimizer.step()` changes - are copied later, by
     `copier.copy_deferred()`, which must finish before the next optimizer step; everything else (buffers, which
     a forward pass may change, scheduler, scaler, RNG) is copied now.
+    `full_state`: whether this process's snapshot holds the model, optimizer and scheduler state (default: the main
+    process only, as `save_state`; the node-local tier asks each node's first process for them too).
     """
     if copier is None:
         copier = _NoCopy()
     elif defer and not is_fsdp2(accelerator):  # shards are staged whole, now
         copier.defer_storages = _storages_changed_only_by_optimizer_steps(accelerator)
     try:
-        snap = _take(accelerator, copier)
+        snap = _take(accelerator, copier, accelerator.is_main_process if full_state is None else full_state)
     finally:
         copier.defer_storages = set()
     return snap
@@ -249,8 +252,8 @@ def _storages_changed_only_by_optimizer_steps(accelerator: Accelerator) -> set[i
     return storages
 
 
-def _take(accelerator: Accelerator, copier) -> Snapshot:
-    snap = Snapshot(process_index=accelerator.process_index, is_main=accelerator.is_main_process)
+def _take(accelerator: Accelerator, copier, full_state: bool) -> Snapshot:
+    snap = Snapshot(process_index=accelerator.process_index, is_main=full_state)
     models = []
     if is_fsdp2(accelerator):
         snap.sharded = {name: copier.copy_shards(state) for name, state in _shards(accelerator).items()}

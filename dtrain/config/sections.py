@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dtrain.checksum import ALGORITHMS, DEFAULT_CHECKSUM, check_algorithm
+from dtrain.config.local_tier import LocalTierConfig
 from dtrain.durations import parse_duration
 from dtrain.errors import UsageError
 
@@ -215,7 +216,8 @@ class CheckpointConfig:
                self.checkpoint_dir, "a directory, or a URI such as s3://bucket/prefix")
 
 
-SECTIONS = {"task": TaskConfig, "train": TrainConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig}
+SECTIONS = {"task": TaskConfig, "train": TrainConfig, "eval": EvalConfig, "checkpoint": CheckpointConfig,
+            "local_tier": LocalTierConfig}
 
 
 @dataclass
@@ -226,6 +228,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    local_tier: LocalTierConfig = field(default_factory=LocalTierConfig)
 
     def validate(self) -> "Config":
         for section in SECTIONS:

@@ -51,6 +51,9 @@ class ExitStatus:
     # checkpoint this run (or the previous record) last knew of; None: there is no checkpoint.
     checkpoint_source: str | None = None
     store_error: str | None = None  # why the location could not be read, if it could not
+    # "local": a stop on a signal left its checkpoint in the node-local tier only (the next start promotes it);
+    # "persistent": in --checkpoint-dir. Only written by runs with a local tier.
+    checkpoint_tier: str | None = None
 
 
 def reason_for(exit_code: int, fit_reason: str | None = None) -> str:
@@ -93,10 +96,13 @@ class RunOutcome:
         step = trained or (parse_step(checkpoint) if checkpoint else (0 if trainer is not None else None))
         # An invocation that never built a trainer has no command of its own: the run's is still the one.
         resume = trainer.resume_command if trainer is not None else (previous or {}).get("resume_command")
+        tier = getattr(getattr(trainer, "local_saves", None), "stop_tier", None)
+        if tier == "local":  # newer than the persistent tier's latest: name the local one
+            checkpoint = f"step_{trainer.state.global_step:09d}"
         return ExitStatus(
             reason=reason_for(exit_code, self.fit_reason), exit_code=exit_code, signal=signal_name(exit_code),
             step=step, checkpoint=checkpoint, resume_command=redact_uri(resume), checkpoint_source=source,
-            store_error=redact_uri(error))
+            store_error=redact_uri(error), checkpoint_tier=tier)
 
     def record(self, exit_code: int) -> None:
         """Writes exit_status.json and its history line from the main process; never raises (the run's own
@@ -202,7 +208,7 @@ def write(output_dir: str | Path, status: ExitStatus, only_into_a_run_dir: bool 
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             return False  # another run owns this directory
-        record = asdict(status)
+        record = {k: v for k, v in asdict(status).items() if k != "checkpoint_tier" or v is not None}
         _append_line(output_dir / HISTORY_FILE, json.dumps(record) + "\n")
         atomic_write_text(output_dir / FILE, json.dumps(record, indent=1) + "\n")
         return True
@@ -233,7 +239,8 @@ def validated(data: Any) -> dict[str, Any]:
     step = data.get("step")
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP):
         raise ValueError("step is not a non-negative integer")
-    for name in ("signal", "checkpoint", "resume_command", "finished_at", "checkpoint_source", "store_error"):
+    for name in ("signal", "checkpoint", "resume_command", "finished_at", "checkpoint_source", "store_error",
+                 "checkpoint_tier"):
         value = data.get(name)
         if value is not None and not isinstance(value, str):
             raise ValueError(f"{name} is not a string")

@@ -32,20 +32,21 @@ logger = get_logger(__name__)
 
 def start(trainer) -> None:
     """Fresh start or resume of `trainer` (a dtrain Trainer); call on every rank."""
-    cfg, checkpoints = trainer.config.checkpoint, trainer.checkpoints
+    checkpoints = trainer.checkpoints
     trainer.save_policy.restart_clock()
     # Taken now: by the time a signal arrives, the launcher whose command line we read may be gone.
     trainer.resume_command = trainer.resume_command or resume_checks.resume_command(trainer.config.output_dir)
     _create_directories(trainer)
     trainer.lock.acquire()
     checkpoints.restore_replaced()  # before resolving: an interrupted re-save must not hide a checkpoint
-    resolution = resolve_resume(cfg.resume, checkpoints.storage, cfg.verify_checksums)
-    _warn_skipped(resolution.skipped)
-    if resolution.path is None:
+    source, tier = _resolve(trainer)
+    if source is None:
         _start_fresh(trainer)
     else:
-        _resume(trainer, *_load_first_loadable(trainer, resolution.path))
+        _resume(trainer, *_load_first_loadable(trainer, source), tier=tier)
     checkpoints.clean_stale()  # only now: a refused start must not touch a run's leftovers
+    if trainer.local_saves is not None:  # what the local tier holds beyond where this run goes on is abandoned
+        trainer.local_saves.forget(trainer.state.global_step if source is not None else None)
     if trainer.is_main:
         write_config(trainer.config, trainer.output_dir / "config.yaml")
     _init_trackers(trainer)
@@ -55,6 +56,22 @@ def start(trainer) -> None:
                 f"{trainer.accelerator.num_processes} process(es) on {trainer.accelerator.device}, "
                 f"{data.describe()}, {data.steps_per_epoch or 'unknown'} steps per epoch, "
                 f"{trainer.total_steps} steps planned")
+
+
+def _resolve(trainer) -> tuple[Path | str | None, str]:
+    """The checkpoint to resume from (None: a fresh start) and its tier: with a node-local tier, `latest`/`auto`
+    take the newest step complete for every rank in any tier (training/tiered.py)."""
+    cfg, local = trainer.config.checkpoint, trainer.local_saves
+    if local is None or cfg.resume not in ("latest", "auto"):
+        resolution = resolve_resume(cfg.resume, trainer.checkpoints.storage, cfg.verify_checksums)
+        _warn_skipped(resolution.skipped)
+        return resolution.path, "persistent"
+    try:  # the persistent tier may hold nothing yet while the local one does
+        resolution, refused = resolve_resume(cfg.resume, trainer.checkpoints.storage, cfg.verify_checksums), None
+        _warn_skipped(resolution.skipped)
+    except UsageError as exc:
+        resolution, refused = None, exc
+    return local.resume_from(trainer, resolution, refused)
 
 
 def _create_directories(trainer) -> None:
@@ -140,7 +157,7 @@ def _load(trainer, source: Path | str) -> tuple[Path, dict[str, Any]]:
     return path, agreed_load(name, load, acc.device)
 
 
-def _resume(trainer, source: Path | str, path: Path, saved: dict[str, Any]) -> None:
+def _resume(trainer, source: Path | str, path: Path, saved: dict[str, Any], tier: str = "persistent") -> None:
     """Continues from a loaded checkpoint (a directory, or an object-store checkpoint downloaded to `path`)."""
     acc, state = trainer.accelerator, trainer.state
     if saved.get("world_size", 1) != acc.num_processes and trainer.train_data.kind == "map":
@@ -151,8 +168,8 @@ def _resume(trainer, source: Path | str, path: Path, saved: dict[str, Any]) -> N
     _check_resume_certificate(trainer, saved.get("resume_certificate"), path)  # before anything is rewritten
     dropped = trainer.metrics.rewind(state.global_step)
     trainer.metrics.event("resume", state.global_step, world_size=acc.num_processes, checkpoint=str(source),
-                          from_world_size=saved.get("world_size"), dropped_records=dropped)
-    logger.info(f"resumed from {source} at step {state.global_step} (epoch {state.epoch}, "
+                          tier=tier, from_world_size=saved.get("world_size"), dropped_records=dropped)
+    logger.info(f"resumed from {source} ({tier} tier) at step {state.global_step} (epoch {state.epoch}, "
                 f"sample {state.epoch_samples_seen} of the epoch)")
 
 

@@ -43,6 +43,7 @@ from dtrain.training.resume import load_initial_weights
 from dtrain.training.runtime import check_sharded, make_accelerator
 from dtrain.training.save_policy import SavePolicy
 from dtrain.training.schedule import LearningRate, LRPlan, warmup_cosine
+from dtrain.training.tiered import open_local_tier
 from dtrain.training.time_budget import TimeBudget
 from dtrain.weights import tied_names
 
@@ -128,8 +129,10 @@ class Trainer:
         if frozen_base:
             self.task.shape = {**self.task.shape, "frozen_base": frozen_base}
         self.model, self.optimizer, self.scheduler, self.lr = self._prepare_model(optimizer)
+        self.local_saves = open_local_tier(cfg, acc, self.checkpoints)  # None without --local-checkpoint-dir
         budget = TimeBudget(parse_duration(cfg.train.max_time)) if cfg.train.max_time else None  # --max-time
-        self.save_policy = SavePolicy(ckpt, self.total_steps, self.is_main, self.interrupts, acc.device, budget)
+        self.save_policy = SavePolicy(ckpt, self.total_steps, self.is_main, self.interrupts, acc.device, budget,
+                                      cfg.local_tier)
         self.stop_at_step: int | None = None  # set by fit()
         self.progress_bar: tqdm | None = None
         self._loss_sum = torch.zeros((), device=acc.device)  # summed on the device between log steps
@@ -206,6 +209,8 @@ class Trainer:
                 if self.config.train.grad_clip:
                     self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.train.grad_clip)
                 self.checkpoints.before_optimizer_step()  # an async save may still be copying the weights
+                if self.local_saves:
+                    self.local_saves.tier.before_optimizer_step()
                 self.lr.apply(self.state.global_step)  # the rate is a function of the step, nothing else
             self.optimizer.step()
             if self.accelerator.sync_gradients:
@@ -224,11 +229,16 @@ class Trainer:
         if step == self.stop_at_step:
             self.interrupts.request(signal.SIGUSR1)
         self._log_checkpoint(self.checkpoints.poll())  # a background save that committed meanwhile
+        if self.local_saves:
+            self.local_saves.poll(self)
         self._maybe_save(epoch_done)
 
     def _maybe_save(self, epoch_done: bool) -> None:
         decision = self.save_policy.at_step(self.state.global_step, self.state.epoch if epoch_done else None,
                                             self.checkpoints.background_error)
+        if decision.local_save and self.local_saves:  # the node-local tier first: it holds the loop least
+            self.local_saves.save(self)
+            self.save_policy.restart_local_clock()
         if decision.save:
             self._save()
             decision.signal = decision.signal or self.save_policy.signal_after_save()
@@ -251,6 +261,8 @@ class Trainer:
         step = self.state.global_step
         if self.evaluator.enabled and not self.evaluator.evaluated_at(step):
             self._evaluate()
+        if self.local_saves:
+            self.local_saves.finish(self)
         checkpoint = self._save(wait=True)
         pending_signal, _ = self.interrupts.agree(self.accelerator.device)
         reason = "early_stop" if self.early_stopping.stopped_early else "finished"
@@ -268,6 +280,8 @@ class Trainer:
             if self.progress_bar is not None:
                 self.progress_bar.close()  # so an error message starts on a line of its own
             self.checkpoints.wait(raise_error=False)  # an exception must not abandon a save half-way
+            if self.local_saves:
+                self.local_saves.tier.wait(raise_error=False)
             raise
         finally:
             self.lock.release()
@@ -322,6 +336,8 @@ class Trainer:
                            blocking_seconds=round(report.blocking_seconds, 4),
                            total_seconds=round(report.total_seconds, 4), deleted=report.deleted)
         self.save_policy.note_save(report.total_seconds)  # --max-time keeps this much time for the last save
+        if self.local_saves:
+            self.local_saves.note_persistent(report.total_seconds)  # a stop's budget (tiered.py)
         grace = self.config.checkpoint.signal_grace_seconds
         if report.total_seconds > grace and not self._warned_slow_save:
             self._warned_slow_save = True
@@ -357,7 +373,10 @@ class Trainer:
         name, step = signal.Signals(signum).name, self.state.global_step
         self.metrics.event("interrupt", step, signal=name)
         logger.warning(f"{name} received: saving a checkpoint at step {step} and stopping", main_process_only=False)
-        checkpoint = self._save_before_stopping(name)
+        if self.local_saves:  # the local tier first; the persistent one if it fits the grace window
+            checkpoint = self.local_saves.stop(self, name, self.config.checkpoint.signal_grace_seconds)
+        else:
+            checkpoint = self._save_before_stopping(name)
         raise Interrupted(signum, checkpoint)
 
     def _stop_out_of_time(self) -> None:
