@@ -5,7 +5,8 @@
     python benchmarks/run.py --gpu      # also repeats the loop and checkpoint benchmarks on the GPU, if any
 
 Each benchmark runs in its own Python process (bench_loop.py, bench_checkpoint.py, bench_resume.py,
-bench_startup.py, bench_goodput.py, bench_sharded.py, which starts 2 ranks of its own; each also runs alone), so
+bench_startup.py, bench_goodput.py, bench_sharded.py, which starts 2 ranks of its own, bench_peft.py, which trains
+a LoRA and a full fine-tune; each also runs alone), so
 one cannot disturb another's state (Accelerate's singletons, allocator, page cache pressure).
 Every table compares both sides measured in the same process, alternating, as medians of several repeats.
 """
@@ -47,9 +48,11 @@ REFERENCE = [("sync_save_vs_raw_ratio", "sync_save_ceiling_ratio",
              ("checkpoint_overhead_sync_ratio", None, "steps/s saving (sync) every 20 steps / never saving"),
              ("goodput_plain_accelerate", None, "goodput of a plain Accelerate loop under the same kills"),
              ("sharded_full_save_peak_memory_ratio", None,
-              "rank 0's extra peak RSS in a full-state (DDP) save / full state bytes")]
+              "rank 0's extra peak RSS in a full-state (DDP) save / full state bytes"),
+             ("peft_checkpoint_bytes_ratio", None,
+              "bytes of a LoRA run's checkpoint / a full fine-tune's, same model (7B: docs/huggingface.md)")]
 SCRIPTS = ("bench_loop.py", "bench_checkpoint.py", "bench_resume.py", "bench_startup.py", "bench_goodput.py",
-           "bench_sharded.py")
+           "bench_sharded.py", "bench_peft.py")
 GPU_SCRIPTS = ("bench_loop.py", "bench_checkpoint.py")  # the others measure the host side: no GPU part
 
 
