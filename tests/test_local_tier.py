@@ -1,0 +1,169 @@
+"""The node-local tier: two "nodes" on one machine (two torchrun agents, --nnodes 2, one rank each, each with its own
+local dir through {node_rank}), killed with SIGKILL and resumed from the fastest tier that is complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FAST, REPO, TRAIN, assert_same_end, free_port, wait_for
+
+from dtrain.checkpoint.layout import step_dirs, verify_checkpoint
+
+STEPS = ["--epochs", "0", "--max-steps", "16", "--device", "cpu", "--save-every-steps", "10",
+         "--save-every-seconds", "0"]
+LOCAL = ["--local-save-every-steps", "3"]
+TIMEOUT = 240
+
+
+def node_cmd(node_rank: int, port: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node_rank),
+            "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), TRAIN, *FAST,
+            *STEPS, *args]
+
+
+def run_two_nodes(runner, *args: str, **env: str) -> tuple[list[int], str]:
+    port = free_port()
+    nodes = [runner.start(node_cmd(n, port, *args), cwd=REPO, **env) for n in (0, 1)]
+    outputs = []
+    for proc in nodes:
+        try:
+            outputs.append(proc.communicate(timeout=TIMEOUT)[0])
+        except Exception:
+            runner.cleanup()
+            raise
+    return [proc.returncode for proc in nodes], "\n".join(o[-4000:] for o in outputs)
+
+
+def local_args(root: Path) -> list[str]:
+    return ["--local-checkpoint-dir", str(root / "local" / "{node_rank}"), *LOCAL]
+
+
+def every_local_checkpoint_complete(root: Path) -> int:
+    """Every committed-looking local checkpoint (own and replicas) verifies; returns how many there are."""
+    count = 0
+    for node_dir in (root / "local").glob("*/node_*"):
+        for path in step_dirs(node_dir):
+            check = verify_checkpoint(path, checksums=True)
+            assert check.ok, f"{path}: {check.reason}"
+            count += 1
+    return count
+
+
+def resume_event(out: Path) -> dict:
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in events if e.get("event") == "resume"][-1]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same two-rank run, never interrupted, without a local tier."""
+    from conftest import Runner
+
+    runner, root = Runner(), tmp_path_factory.mktemp("reference")
+    try:
+        codes, output = run_two_nodes(runner, "--output-dir", str(root / "out"))
+    finally:
+        runner.cleanup()
+    assert codes == [0, 0], output
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A two-node run whose every process was SIGKILLed right after its 4th local save (step 12) committed and
+    replicated; the persistent tier holds step 10."""
+    from conftest import Runner
+
+    runner, root = Runner(), tmp_path_factory.mktemp("killed")
+    try:
+        codes, output = run_two_nodes(runner, "--output-dir", str(root / "out"), *local_args(root),
+                                      DTRAIN_FAULT_AT="local_retention_done", DTRAIN_FAULT_AFTER_SAVES="3")
+    finally:
+        runner.cleanup()
+    assert codes != [0, 0], output
+    assert (root / "local/0/node_0/step_000000012").is_dir() and (root / "local/1/node_0/step_000000012").is_dir()
+    assert [p.name for p in step_dirs(root / "out" / "checkpoints")] == ["step_000000010"]
+    return root
+
+
+def copy_of(killed: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "run"
+    shutil.copytree(killed, root, symlinks=True)
+    # The output dir records absolute paths nowhere that a resume reads; the local dirs move with it.
+    return root
+
+
+@pytest.mark.slow
+def test_kill_9_of_every_process_resumes_from_the_local_tier_exactly(runner, killed, reference, tmp_path):
+    root = copy_of(killed, tmp_path)
+    assert every_local_checkpoint_complete(root) == 8  # 2 nodes x (own + replica) x newest 2
+    codes, output = run_two_nodes(runner, "--output-dir", str(root / "out"), *local_args(root), "--resume", "auto")
+    assert codes == [0, 0], output
+    event = resume_event(root / "out")
+    assert (event["step"], event["tier"]) == (12, "local"), event
+    assert (root / "out/checkpoints/step_000000012").is_dir(), "the local checkpoint was not promoted"
+    assert_same_end(root / "out", reference)
+
+
+@pytest.mark.slow
+def test_a_node_that_comes_back_empty_resumes_from_its_peers_replica_exactly(runner, killed, reference, tmp_path):
+    root = copy_of(killed, tmp_path)
+    shutil.rmtree(root / "local" / "1")  # node 1 replaced: its RAM disk is empty
+    codes, output = run_two_nodes(runner, "--output-dir", str(root / "out"), *local_args(root), "--resume", "auto")
+    assert codes == [0, 0], output
+    event = resume_event(root / "out")
+    assert (event["step"], event["tier"]) == (12, "peer"), event
+    assert "came back without its local checkpoint step_000000012" in output
+    assert_same_end(root / "out", reference)
+
+
+@pytest.mark.slow
+def test_with_every_local_dir_wiped_the_run_falls_back_to_the_persistent_tier(runner, killed, reference, tmp_path):
+    root = copy_of(killed, tmp_path)
+    shutil.rmtree(root / "local")
+    codes, output = run_two_nodes(runner, "--output-dir", str(root / "out"), *local_args(root), "--resume", "auto")
+    assert codes == [0, 0], output
+    event = resume_event(root / "out")
+    assert (event["step"], event["tier"]) == (10, "persistent"), event
+    assert_same_end(root / "out", reference)
+
+
+SIGTERM_ARGS = [*FAST, "--epochs", "0", "--max-steps", "400", "--device", "cpu", "--save-every-steps", "5",
+                "--save-every-seconds", "0", "--local-save-every-steps", "1"]
+
+
+@pytest.mark.slow
+def test_sigterm_with_too_little_grace_for_the_persistent_save_leaves_it_local_and_the_next_start_promotes_it(
+        runner, tmp_path):
+    out, local = tmp_path / "out", tmp_path / "local"
+    cmd = [sys.executable, TRAIN, *SIGTERM_ARGS, "--output-dir", str(out), "--local-checkpoint-dir", str(local),
+           "--signal-grace-seconds", "0.001"]
+    proc = runner.start(cmd, cwd=REPO)
+
+    def persistent_saves() -> int:
+        path = out / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return sum('"event": "checkpoint"' in line and '"tier"' not in line for line in lines)
+
+    wait_for(lambda: persistent_saves() >= 2 or proc.poll() is not None, timeout=120, what="two persistent saves")
+    os.kill(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    status = json.loads((out / "exit_status.json").read_text())
+    stop = status["step"]
+    assert status["checkpoint_tier"] == "local" and status["checkpoint"] == f"step_{stop:09d}", status
+    assert "the stop checkpoint of step" in output and "local tier" in output
+    assert verify_checkpoint(local / "node_0" / f"step_{stop:09d}", checksums=True).ok
+    assert not (out / "checkpoints" / f"step_{stop:09d}").exists(), "the persistent save should have been left"
+
+    again = runner.run([*cmd, "--resume", "auto", "--max-steps", str(stop + 2)], cwd=REPO, timeout=120)
+    assert again.returncode == 0, again.stdout[-3000:]
+    assert "promoted the local checkpoint" in again.stdout
+    assert verify_checkpoint(out / "checkpoints" / f"step_{stop:09d}", checksums=True).ok
+    assert resume_event(out)["tier"] == "local"
