@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,60 @@ def test_a_staging_copy_for_an_upload_is_not_fsynced_and_a_local_checkpoint_is(t
     (tmp_path / "b").mkdir()
     write_files(tmp_path / "b", files)
     assert len(synced) == 2
+
+
+def test_each_written_file_is_announced_once_it_is_complete_on_disk(tmp_path):
+    announced = {}
+    files = [("model.safetensors", SAFETENSORS, {"w": torch.randn(256, 256)}), ("state.bin", TORCH, {"a": 1}),
+             ("trainer_state.json", TEXT, "{}")]
+    digests = write_files(tmp_path, files, fsync=False,
+                          on_file_written=lambda name: announced.setdefault(name, (tmp_path / name).stat().st_size))
+    deadline = time.monotonic() + 10  # the last callback may run just after write_files returns
+    while len(announced) < len(files) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert announced == {name: digest.size for name, digest in digests.items()}
+
+
+def test_an_object_store_save_uploads_rank_0s_files_as_they_are_written(s3_bucket, tmp_path, monkeypatch,
+                                                                       fresh_accelerate_state):
+    from dtrain.checkpoint.object_store import ObjectStore
+
+    accelerator, *_ = _prepared()
+    one_by_one, batched = [], []
+    upload_file, upload = ObjectStore.upload_file, ObjectStore.upload
+    monkeypatch.setattr(ObjectStore, "upload_file",
+                        lambda self, *a, **k: one_by_one.append(a[2]) or upload_file(self, *a, **k))
+    monkeypatch.setattr(ObjectStore, "upload", lambda self, d, s, names, **k: batched.extend(names) or
+                        upload(self, d, s, names, **k))
+    manager = CheckpointManager(accelerator, f"{s3_bucket}/early", staging_dir=tmp_path / "staging")
+    manager.save(5, {"global_step": 5})
+    store = ObjectStore(f"{s3_bucket}/early")
+    listed = store.read_manifest("step_000000005")["files"]
+    assert sorted(one_by_one) == sorted(listed) and batched == []  # every file went up while the save wrote
+    assert store.verify("step_000000005", checksums=True).ok
+
+
+def test_a_failed_early_upload_fails_the_save_and_commits_nothing(s3_bucket, tmp_path, monkeypatch,
+                                                                 fresh_accelerate_state):
+    from dtrain.checkpoint.object_store import ObjectStore
+    from dtrain.errors import CheckpointError
+
+    accelerator, *_ = _prepared()
+    manager = CheckpointManager(accelerator, f"{s3_bucket}/failed", staging_dir=tmp_path / "staging")
+    manager.save(5, {"global_step": 5})
+    upload_file = ObjectStore.upload_file
+
+    def fail_the_optimizer(self, local_dir, step_name, name, *args, **kwargs):
+        if name.startswith("optimizer"):
+            raise OSError("the store refused the body")
+        return upload_file(self, local_dir, step_name, name, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectStore, "upload_file", fail_the_optimizer)
+    with pytest.raises(CheckpointError, match="the store refused the body"):
+        manager.save(6, {"global_step": 6})
+    store = ObjectStore(f"{s3_bucket}/failed")
+    assert not store.has_manifest("step_000000006") and store.read_pointer("latest") == "step_000000005"
+    assert list((tmp_path / "staging").iterdir()) == []  # nothing left reading or written in staging
+    monkeypatch.setattr(ObjectStore, "upload_file", upload_file)
+    manager.save(6, {"global_step": 6})  # the retry deletes what the failed attempt uploaded, then commits
+    assert store.verify("step_000000006", checksums=True).ok

@@ -70,6 +70,7 @@ class CheckpointManager:
         (default `./.staging`) is where each node keeps its local copies while saving and loading."""
         self.accelerator = accelerator
         self.storage = open_storage(checkpoints_dir)
+        self.storage.remember_trainer_states()  # this run holds the lock: nobody else changes its checkpoints
         self.dir: Path | None = None if self.storage.is_remote else self.storage.dir  # the directory, if local
         self.staging = Path(staging_dir or STAGING_DIR)
         check_algorithm(checksum)
@@ -240,7 +241,8 @@ class CheckpointManager:
             files = snapshot.files()
         if self.is_main:
             files.append((TRAINER_STATE, TEXT, json.dumps(state, indent=1, default=str)))
-        self._written = write_files(temp, files, self.checksum, fsync=self.commit.durable_staging)
+        self._written = write_files(temp, files, self.checksum, fsync=self.commit.durable_staging,
+                                    on_file_written=getattr(self.commit, "file_written", None))
         self._reached("state_written")
 
     def _commit_and_prune(self, step: int, temp: Path, started: float, phases: Phases,

@@ -14,7 +14,7 @@ This module only moves bytes; which rank does what, and when, is the commit prot
 
 from __future__ import annotations
 
-import base64
+import copy
 import json
 import logging
 import os
@@ -28,6 +28,7 @@ from dtrain.checkpoint.documents import (MAX_DOCUMENT_BYTES, MAX_POINTER_BYTES, 
                                          parse_trainer_state, pointer_target)
 from dtrain.checkpoint.layout import FORMAT, MANIFEST, TRAINER_STATE, Verification, parse_step
 from dtrain.checkpoint.names import inside, name_problem
+from dtrain.checkpoint.s3_checksums import checksum_for_store, stored_checksum
 from dtrain.compat import strip_protocol
 from dtrain.errors import UsageError
 from dtrain.utils import atomic_write_text, create_new_file, fresh_temp_name
@@ -35,8 +36,6 @@ from dtrain.utils import atomic_write_text, create_new_file, fresh_temp_name
 CHUNK = 8 << 20  # bytes read/written per call while streaming (and hashing) a file
 PARALLEL_TRANSFERS = 4  # files moved at the same time by one process
 PROGRESS_MIN_BYTES = 256 << 20  # transfers at least this large show a progress bar (on the main process)
-# The checksums S3 keeps natively, and the PutObject/HeadObject field of each (base64 of the big-endian bytes).
-S3_CHECKSUM_FIELDS = {"crc32c": "ChecksumCRC32C", "crc64nvme": "ChecksumCRC64NVME", "sha256": "ChecksumSHA256"}
 WHOLE_FILE_UPLOAD_BYTES = 256 << 20  # files up to this size are uploaded from memory in one call
 STREAM_PART_BYTES = 64 << 20  # the part size of larger files, streamed (a multipart upload)
 
@@ -81,6 +80,7 @@ class ObjectStore:
     def __init__(self, uri: str):
         self.uri = uri.rstrip("/")
         self.fs, self.root = open_filesystem(self.uri)
+        self._trainer_states: dict[str, dict] | None = None  # step name -> trainer state, once remembering
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.uri!r})"
@@ -126,8 +126,25 @@ class ObjectStore:
         return value
 
     def read_trainer_state(self, step_name: str) -> dict:
-        """OSError when it cannot be read, ValueError when it is not a trainer state dtrain can use."""
-        return parse_trainer_state(self.read_document(step_name, TRAINER_STATE))
+        """OSError when it cannot be read, ValueError when it is not a trainer state dtrain can use.
+
+        Kept once read after `remember_trainer_states()`."""
+        if self._trainer_states is None:
+            return parse_trainer_state(self.read_document(step_name, TRAINER_STATE))
+        if step_name not in self._trainer_states:
+            self._trainer_states[step_name] = parse_trainer_state(self.read_document(step_name, TRAINER_STATE))
+        return copy.deepcopy(self._trainer_states[step_name])
+
+    def _forget(self, step_name: str) -> None:
+        if self._trainer_states is not None:
+            self._trainer_states.pop(step_name, None)
+
+    def remember_trainer_states(self) -> None:
+        """For the run that holds the lock, the only writer of its checkpoints: a committed checkpoint does not
+        change, and retention and `best` read every checkpoint of the lineage after each save (one request
+        each), so each trainer state is read once; deleting a prefix forgets it."""
+        if self._trainer_states is None:
+            self._trainer_states = {}
 
     def read_manifest(self, step_name: str) -> dict:
         """The manifest of a checkpoint; FileNotFoundError when it has none, ValueError when it is not one (an
@@ -190,34 +207,10 @@ class ObjectStore:
             return Verification(False, str(exc))
         return Verification(True, "", sum(int(meta["size"]) for meta in files.values()))
 
-    @property
-    def _is_s3(self) -> bool:
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) else (self.fs.protocol,)
-        return "s3" in protocols
-
-    def _checksum_for_store(self, algorithm: str, value: str) -> dict[str, str]:
-        """PutObject's checksum argument for an S3 store that keeps this algorithm; none elsewhere, or when
-        botocore is told to send checksums only where required (S3-compatible stores without them)."""
-        if not self._is_s3 or algorithm not in S3_CHECKSUM_FIELDS or _checksums_only_when_required():
-            return {}
-        return {"ChecksumAlgorithm": algorithm.upper(),
-                S3_CHECKSUM_FIELDS[algorithm]: base64.b64encode(bytes.fromhex(value)).decode()}
-
     def stored_checksum(self, step_name: str, name: str, algorithm: str) -> str | None:
-        """The whole-object checksum the store keeps for an object in `algorithm` (lowercase hex), read with
-        HeadObject, without downloading; None where the store keeps none in that algorithm (another algorithm,
-        a per-part checksum of a multipart upload, a store that is not S3)."""
-        if not self._is_s3 or algorithm not in S3_CHECKSUM_FIELDS:
-            return None
-        bucket, key, _ = self.fs.split_path(self._path(step_name, name))
-        try:
-            head = self.fs.call_s3("head_object", Bucket=bucket, Key=key, ChecksumMode="ENABLED")
-        except Exception:  # noqa: BLE001 - the store cannot say: read the object instead
-            return None
-        value = head.get(S3_CHECKSUM_FIELDS[algorithm])
-        if not value or head.get("ChecksumType") == "COMPOSITE" or "-" in value:
-            return None
-        return base64.b64decode(value).hex()
+        """The whole-object checksum the store keeps for an object in `algorithm` (lowercase hex), without
+        downloading it; None where the store keeps none in that algorithm (s3_checksums.py)."""
+        return stored_checksum(self.fs, self._path(step_name, name), algorithm)
 
     def _object_checksum(self, step_name: str, name: str, algorithm: str) -> str:
         digest = new_hasher(algorithm)
@@ -264,6 +257,11 @@ class ObjectStore:
 
             return dict(pool.map(send, names))
 
+    def upload_file(self, local_dir: Path, step_name: str, name: str, algorithm: str = DEFAULT_CHECKSUM) -> dict:
+        """Uploads one file of `local_dir` under the checkpoint's prefix, hashed in the same pass (no progress
+        bar: a save's files uploaded one by one as they are written). Returns {"size", algorithm}."""
+        return self._upload_file(local_dir / name, self._path(step_name, name), lambda _bytes: None, algorithm)
+
     def _upload_file(self, source: Path, target: str, advance: Callable[[int], object], algorithm: str) -> dict:
         if source.stat().st_size <= WHOLE_FILE_UPLOAD_BYTES:
             # Read once, hash, and hand the bytes to the store's own put (one request, or concurrent parts).
@@ -272,7 +270,7 @@ class ObjectStore:
             digest.update(data)
             value = digest.hexdigest()
             # The store checks the body against dtrain's checksum and refuses a corrupted upload; it keeps it.
-            checksum = self._checksum_for_store(algorithm, value)
+            checksum = checksum_for_store(self.fs, algorithm, value)
             if checksum:  # one PutObject (s3fs would split a large body into parts, which take no such checksum)
                 self.fs.pipe_file(target, data, chunksize=WHOLE_FILE_UPLOAD_BYTES, **checksum)
             else:
@@ -317,6 +315,7 @@ class ObjectStore:
 
     def delete(self, step_name: str) -> None:
         """Deletes a checkpoint: its manifest first (it stops being one), then every other object."""
+        self._forget(step_name)
         try:
             self.fs.rm_file(self._path(step_name, MANIFEST))
         except FileNotFoundError:
@@ -325,6 +324,7 @@ class ObjectStore:
 
     def delete_objects(self, step_name: str) -> None:
         """Deletes whatever is under a prefix (an uncommitted upload, or what `delete` left after the manifest)."""
+        self._forget(step_name)
         self._fresh()
         try:
             self.fs.rm(self._path(step_name), recursive=True)
@@ -375,8 +375,3 @@ class ObjectStore:
                           f"{meta.get('size')} bytes, {str(expected)[:16]})")
         os.replace(part, target)
 
-
-def _checksums_only_when_required() -> bool:
-    """botocore's switch for S3-compatible stores that do not support checksums (older MinIO, Ceph):
-    AWS_REQUEST_CHECKSUM_CALCULATION=when_required in the environment, which botocore reads too."""
-    return os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION", "").lower() == "when_required"

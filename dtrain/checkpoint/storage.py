@@ -33,6 +33,7 @@ class CheckpointStorage(Protocol):
     def verify(self, step_name: str, checksums: bool = False) -> Verification: ...
     def delete(self, step_name: str) -> None: ...
     def location(self, step_name: str) -> CheckpointLocation: ...
+    def remember_trainer_states(self) -> None: ...
 
 
 class LocalDirectory:
@@ -66,6 +67,9 @@ class LocalDirectory:
 
     def read_trainer_state(self, step_name: str) -> dict:
         return read_trainer_state(self.dir / step_name)
+
+    def remember_trainer_states(self) -> None:
+        pass  # reading a local file costs less than remembering it
 
     def verify(self, step_name: str, checksums: bool = False) -> Verification:
         return verify_checkpoint(self.dir / step_name, checksums)

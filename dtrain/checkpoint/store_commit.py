@@ -4,7 +4,9 @@
      whatever an earlier attempt at step N left in the store
   2. every rank writes its files there (the manager's job)
   3. every rank uploads the files it wrote under `step_N/` (a file several ranks wrote, by the lowest of them),
-     hashing them as they go. Rank 0 gathers every rank's names, sizes and checksums, checks the sizes in the store
+     hashing them as they go. Rank 0 owns every file it writes, so it starts uploading each one as soon as it is
+     written, while the next is still being serialised (`file_written`): the staging copy costs little more
+     than the upload itself. Rank 0 gathers every rank's names, sizes and checksums, checks the sizes in the store
      and writes `manifest.json` LAST, create-only: that single write is the commit. Then the `latest`/`best`
      pointer objects (hints).
 Retention deletes a checkpoint's manifest first, then its other objects (object_store.py). Resume downloads a
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -33,6 +36,7 @@ from dtrain.utils import remove_owned_tree
 
 logger = get_logger(__name__)
 
+EARLY_UPLOADS = 4  # rank 0's files uploaded at the same time while the save is still writing
 STAGING_DIR = ".staging"  # under the output dir: local copies of object-store checkpoints being saved or loaded
 # The entries dtrain makes in a staging dir (a save's `step_N.rankR`, a resume's `restore.nodeN`): the only ones
 # it ever deletes there, so a staging dir that is a link to a fast disk (or anywhere) loses nothing else.
@@ -56,6 +60,13 @@ class StoreCommit:
         self.staging = staging
         self._reached = reached
         self.checksum = checksum  # the manifest's algorithm (checksum.py), computed while uploading
+        self._temp: Path | None = None  # the staging dir of the save in progress
+        self._early: dict[str, Future] = {}  # rank 0's uploads started as each file was written
+        self._uploads: ThreadPoolExecutor | None = None  # created at the first early upload
+        self._upload_started = threading.Event()
+        # Step prefixes that may hold objects: listed once, then every step this process tried to save. A step
+        # outside it has nothing to delete before its save (the start removed unfinished uploads).
+        self._may_hold: set[str] | None = None
 
     @property
     def is_main(self) -> bool:
@@ -70,8 +81,24 @@ class StoreCommit:
     def prepare(self, temp: Path) -> None:
         remove_owned_tree(temp, self.staging)
         temp.mkdir(parents=True)
+        self._temp, self._early = temp, {}
+        self._upload_started.clear()
         if self.is_main:  # an earlier attempt at this step (uncommitted, or committed and now re-saved)
-            self.storage.delete(temp.name.split(".")[0])
+            name = temp.name.split(".")[0]
+            if self._may_hold is None:
+                self._may_hold = set(self.storage.step_names())
+            if name in self._may_hold:
+                self.storage.delete(name)
+            self._may_hold.add(name)
+
+    def file_written(self, file: str) -> None:
+        """Called as each file this rank writes is complete: rank 0 starts its upload right away (any rank's
+        upload of a file rank 0 also wrote would be skipped: the lowest rank uploads a shared file)."""
+        if not self.is_main or self._temp is None:
+            return
+        if self._uploads is None:
+            self._uploads = ThreadPoolExecutor(EARLY_UPLOADS, thread_name_prefix="dtrain-upload")
+        self._early[file] = self._uploads.submit(self._upload_one, self._temp, file)
 
     def commit(self, step: int, temp: Path, written: Mapping[str, Any], phases: Phases,
                write_pointers: Callable[[], None]) -> int:
@@ -103,22 +130,36 @@ class StoreCommit:
         return outcome.get("bytes", 0)
 
     def _upload(self, temp: Path, name: str, files: list[str]) -> dict[str, dict]:
-        started = threading.Event()
-
-        def file_done(_name: str) -> None:
-            if not started.is_set():
-                started.set()
-                self._reached("upload_started")
-
-        uploaded = self.storage.upload(temp, name, files, progress=self.is_main, on_file_done=file_done,
-                                       algorithm=self.checksum)
+        early = {file: self._early[file] for file in files if file in self._early}
+        rest = [file for file in files if file not in early]
+        uploaded = self.storage.upload(temp, name, rest, progress=self.is_main, on_file_done=self._file_uploaded,
+                                       algorithm=self.checksum) if rest else {}
+        for file, future in early.items():
+            uploaded[file] = future.result()  # an early upload's error fails this phase, on every rank
         self._reached("uploaded")
         return uploaded
 
+    def _upload_one(self, temp: Path, file: str) -> dict:
+        meta = self.storage.upload_file(temp, temp.name.split(".")[0], file, self.checksum)
+        self._file_uploaded(file)
+        return meta
+
+    def _file_uploaded(self, _file: str) -> None:
+        if not self._upload_started.is_set():
+            self._upload_started.set()
+            self._reached("upload_started")
+
+    def _wait_for_early_uploads(self) -> None:
+        for future in self._early.values():  # none may still read a staging file that is being removed
+            future.exception()
+        self._early = {}
+
     def discard(self, temp: Path) -> None:
+        self._wait_for_early_uploads()
         remove_owned_tree(temp, self.staging)  # every rank has a staging dir of its own
 
     def finished(self, temp: Path) -> None:
+        self._wait_for_early_uploads()
         remove_owned_tree(temp, self.staging)  # committed in the store: the local copy has done its job
 
     def disk(self) -> Path:

@@ -19,7 +19,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from dtrain.checksum import DEFAULT_CHECKSUM, new_hasher
 
@@ -136,10 +136,19 @@ def _digest_and_sync(path: Path, algorithm: str, fsync: bool = True) -> FileDige
     return FileDigest(size, sha.hexdigest(), algorithm)
 
 
+def _announce(future: Future, name: str, on_file_written: Callable[[str], None] | None) -> Future:
+    if on_file_written is not None:
+        future.add_done_callback(lambda done: done.exception() is None and on_file_written(name))
+    return future
+
+
 def write_files(directory: Path, files: Iterable[tuple[str, str, Any]],
-                algorithm: str = DEFAULT_CHECKSUM, fsync: bool = True) -> dict[str, FileDigest]:
+                algorithm: str = DEFAULT_CHECKSUM, fsync: bool = True,
+                on_file_written: Callable[[str], None] | None = None) -> dict[str, FileDigest]:
     """Writes each (name, format, object) into `directory` in one pass; returns name -> size and checksum of
     what is now on disk (every file fsynced unless `fsync` is False; the directory itself is not).
+    `on_file_written(name)` is called (on a helper thread) as soon as a file is complete and closed, while the
+    next one is still being written: an object-store save starts uploading it then.
 
     `torch.save` and text go through a HashingFile. safetensors' own `save_file` writes tensors straight from
     their memory (its in-memory `save` would copy them twice), so that file is hashed back from the page cache
@@ -157,7 +166,8 @@ def write_files(directory: Path, files: Iterable[tuple[str, str, Any]],
                     from safetensors.torch import save_file
 
                     save_file(obj, str(path), metadata={"format": "pt"})  # what Accelerate's save calls
-                    pending[name] = hasher.submit(_digest_and_sync, path, algorithm, fsync)
+                    pending[name] = _announce(hasher.submit(_digest_and_sync, path, algorithm, fsync), name,
+                                              on_file_written)
                     continue
                 file = HashingFile(path, hasher, flusher, algorithm, fsync)
                 try:
@@ -172,7 +182,7 @@ def write_files(directory: Path, files: Iterable[tuple[str, str, Any]],
                 except BaseException:
                     file.abort()
                     raise
-                pending[name] = file.finish()  # the disk catches up while the next file is serialised
+                pending[name] = _announce(file.finish(), name, on_file_written)  # the disk catches up meanwhile
         except BaseException:
             for future in pending.values():  # every file closed before the caller cleans up
                 future.exception()
