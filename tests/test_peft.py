@@ -167,6 +167,31 @@ def test_exports_load_with_peft_and_transformers_and_equal_peft_s_own(tmp_path, 
         assert torch.equal(merged(ids).logits, reference(ids).logits)
 
 
+def test_a_lora_checkpoint_evaluates_and_its_safetensors_export_loads_back(tmp_path, capsys,
+                                                                          fresh_accelerate_state):
+    from dtrain.checkpoint.layout import read_trainer_state
+    from dtrain.commands.cli import main as dtrain_main
+    from dtrain.commands.export import load_exported
+
+    base = base_model_dir(tmp_path / "base", "llama", False)
+    run = tmp_path / "run"
+    assert train_in_process(*TINY, *LORA, "--max-steps", "4", "--eval-every-steps", "4", "--model", str(base),
+                            "--data", str(write_corpus(tmp_path / "text")), "--output-dir", str(run)) == 0
+    checkpoint = final_checkpoint(run)
+    measured = read_trainer_state(checkpoint)["checkpoint_metric"]["value"]
+    capsys.readouterr()
+    assert dtrain_main(["eval", str(checkpoint), "--max-batches", "2", "--json"]) == 0  # adapter on the base
+    result = json.loads(capsys.readouterr().out)
+    assert result["metrics"]["val_loss"] == pytest.approx(measured, rel=1e-5)
+
+    out = tmp_path / "adapter.safetensors"
+    assert dtrain_main(["ckpt", "export", str(run), "--out", str(out)]) == 0
+    model, _ = load_exported(out)
+    saved = load_file(str(checkpoint / "model.safetensors"))
+    state = model.state_dict()
+    assert saved and all(torch.equal(state[name], tensor) for name, tensor in saved.items())
+
+
 def test_peft_export_refuses_a_full_fine_tune(runner, tmp_path, capsys, fresh_accelerate_state):
     from dtrain.commands.cli import main as dtrain_main
 

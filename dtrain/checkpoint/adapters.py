@@ -71,3 +71,24 @@ def frozen_base_identity(model: nn.Module, algorithm: str = DEFAULT_CHECKSUM) ->
         hasher.update(memoryview(data.numpy()))
         tensors, total = tensors + 1, total + data.numel()
     return f"{algorithm}:{hasher.hexdigest()}#tensors={tensors}#bytes={total}"
+
+
+def load_trainable(model: nn.Module, weights, recorded_base: str | None, source: str) -> None:
+    """Fills a PEFT model's trainable tensors from a file that holds only them (an adapter-only checkpoint's
+    model.safetensors, or its safetensors export); the frozen base stays as rebuilt. Raises UsageError when the
+    rebuilt base is not the one `recorded_base` names, or the file lacks a trainable tensor or holds another."""
+    from safetensors.torch import load_file
+
+    from dtrain.errors import UsageError
+
+    now = frozen_base_identity(model)
+    if recorded_base and now != recorded_base:
+        raise UsageError(f"{source}: the base model rebuilt from its config is not the one its adapter was "
+                         f"trained on (fingerprint {recorded_base}, now {now}); pass the --model it was trained on")
+    saved = load_file(str(weights))
+    missing = sorted(trainable_names(model) - saved.keys())
+    unexpected = sorted(saved.keys() - model.state_dict().keys())
+    if missing or unexpected:
+        raise UsageError(f"{source} does not fit the rebuilt adapter model (missing: {missing[:3]}; not in the "
+                         f"model: {unexpected[:3]})")
+    model.load_state_dict(saved, strict=False)

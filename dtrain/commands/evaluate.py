@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dtrain.checkpoint.adapters import is_adapter_model, load_trainable
 from dtrain.checkpoint.layout import read_trainer_state
 from dtrain.checkpoint.resolve import select_checkpoint
 from dtrain.checkpoint.sharded import is_sharded, model_weights_file
@@ -47,7 +48,10 @@ def evaluate_checkpoint(checkpoint: Path, max_batches: int = 0, batch_size: int 
         raise UsageError(f"{checkpoint} holds no model weights (neither model.safetensors nor sharded shards)")
     model = task.model
     with model_weights_file(checkpoint) as weights:  # sharded: every rank's shards gathered on this process
-        load_weights(model, weights)  # tied weights stay tied
+        if is_adapter_model(model):  # LoRA: the file holds the adapter; the base is rebuilt from the config
+            load_trainable(model, weights, (state.get("shape") or {}).get("frozen_base"), str(checkpoint))
+        else:
+            load_weights(model, weights)  # tied weights stay tied
     model.eval()
     loader = DataLoader(task.eval_data, batch_size=batch_size or config.train.batch_size, shuffle=False,
                         collate_fn=task.collate_fn)

@@ -16,13 +16,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dtrain.checkpoint.adapters import is_adapter_model, load_trainable
 from dtrain.checkpoint.layout import read_trainer_state
 from dtrain.checkpoint.resolve import select_checkpoint
 from dtrain.checkpoint.sharded import SHARDED_MODEL_DIR, is_sharded, model_weights_file
 from dtrain.commands.ckpt import local_copy
 from dtrain.errors import UsageError
 from dtrain.weights import EXPORT_DTYPES, torch_dtype
-from dtrain.utils import human_size
+from dtrain.utils import fresh_temp_name, human_size
 
 EXPORT_FORMAT = "dtrain-export/1"
 
@@ -48,9 +49,10 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "fp32", source: 
         "epoch": str(state.get("epoch")), "dtype": dtype, "source": source or str(checkpoint.resolve()),
         "config": json.dumps(state.get("config") or {}),
         "checkpoint_metric": json.dumps(state.get("checkpoint_metric")),
+        "frozen_base": str((state.get("shape") or {}).get("frozen_base") or ""),  # LoRA: the adapter's base
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    temp = fresh_temp_name(out)  # unguessable: no link can be planted for save_file to follow
     try:
         save_file(tensors, str(temp), metadata=metadata)
         os.replace(temp, out)  # readers never see half a file
@@ -87,7 +89,10 @@ def load_exported(path: str | Path, task: str | None = None, trust_task: bool = 
     config = config_from_dict(recorded)
     config.task.task, search_working_dir = task_recorded_in(str(path), config.task.task, task, trust_task)
     model = build_task(config.task, config.train.seed, search_working_dir).model
-    load_weights(model, path)  # ties intact; cast to the model's dtype
+    if is_adapter_model(model):  # a LoRA run's export holds the adapter; the base is rebuilt from the config
+        load_trainable(model, path, metadata.get("frozen_base") or None, str(path))
+    else:
+        load_weights(model, path)  # ties intact; cast to the model's dtype
     return model, config
 
 
