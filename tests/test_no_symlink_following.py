@@ -238,3 +238,19 @@ def test_hostile_keys_in_a_store_manifest_are_skipped_and_written_nowhere(s3_buc
     assert not (tmp_path / "pwned.sh").exists() and not (tmp_path / "pwned-abs.sh").exists()
     assert store.verify("step_000000010", checksums=True).ok and store.verify("step_000000020", checksums=True).ok
     assert sorted(p.name for p in fast_disk.iterdir()) == ["other-users-data"] and decoys.intact()
+
+
+def test_metrics_files_are_never_appended_through_a_planted_link(tmp_path):
+    from dtrain.training.metrics import MetricsLog
+
+    decoy = tmp_path / "decoy.txt"
+    decoy.write_text("keep me\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to(decoy)
+    metrics = MetricsLog(out)
+    from dtrain.errors import UsageError
+
+    with pytest.raises(UsageError, match="metrics.jsonl is a symbolic link"):
+        metrics.event("start", 0)
+    assert decoy.read_text() == "keep me\n"

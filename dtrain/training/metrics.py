@@ -8,14 +8,17 @@ checkpoint) are dropped, so the files read as one run.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
+from dtrain.errors import UsageError
 from dtrain.redact import redact_values
-from dtrain.utils import atomic_write_text
+from dtrain.utils import CREATE_MODE, atomic_write_text
 
 FIRST_COLUMNS = ["step", "epoch", "kind"]
 
@@ -36,6 +39,19 @@ def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+def _open_append(path: Path, newline: str | None = None):
+    """Opens a metrics file for appending, never through a symbolic link someone planted (the link is an
+    error), created with the mode the user's umask leaves."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, CREATE_MODE)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UsageError(f"{path} is a symbolic link; dtrain never writes through a link it did not create: "
+                         f"remove it") from None
+    return os.fdopen(fd, "a", newline=newline)
 
 
 class MetricsLog:
@@ -75,7 +91,7 @@ class MetricsLog:
         if not set(row) <= set(self._columns):
             self._rewrite_csv(read_records(self.jsonl))
         else:
-            with open(self.csv, "a", newline="") as f:
+            with _open_append(self.csv, newline="") as f:
                 csv.DictWriter(f, self._columns).writerow({k: _clean(v) for k, v in row.items()})
 
     def event(self, name: str, step: int, **fields: Any) -> None:
@@ -83,7 +99,7 @@ class MetricsLog:
             self._append_json({"event": name, "step": step, **fields})
 
     def _append_json(self, record: dict[str, Any]) -> None:
-        with open(self.jsonl, "a") as f:
+        with _open_append(self.jsonl) as f:
             f.write(json.dumps({k: _clean(v) for k, v in redact_values(record).items()}) + "\n")
 
     def _rewrite_csv(self, records: list[dict[str, Any]]) -> None:
