@@ -109,3 +109,12 @@ def test_an_unreachable_uri_is_exit_2_with_one_line_and_no_secret(runner, tmp_pa
     assert len(errors) == 1 and "ftp://user:***@127.0.0.1:1/x" in errors[0], lines
     assert "Traceback" not in result.stdout and "s3cr3tpass" not in result.stdout
     assert not any(b"s3cr3tpass" in p.read_bytes() for p in files_under(tmp_path))
+
+
+def test_ckpt_tools_on_an_unreachable_uri_are_exit_2_with_no_secret(capsys):
+    from dtrain.commands.cli import main
+
+    assert main(["ckpt", "list", "ftp://svc:HUNTER2PASSWORD@127.0.0.1:1/ckpts"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dtrain: error:") and len(err.strip().splitlines()) == 1
+    assert "HUNTER2PASSWORD" not in err and "svc:***@" in err

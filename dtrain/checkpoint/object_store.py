@@ -31,6 +31,7 @@ from dtrain.checkpoint.names import inside, name_problem
 from dtrain.checkpoint.s3_checksums import checksum_for_store, stored_checksum
 from dtrain.compat import strip_protocol
 from dtrain.errors import UsageError
+from dtrain.redact import redact_uri
 from dtrain.utils import atomic_write_text, create_new_file, fresh_temp_name
 
 CHUNK = 8 << 20  # bytes read/written per call while streaming (and hashing) a file
@@ -55,8 +56,12 @@ def open_filesystem(uri: str):
                  else f"install the fsspec backend for {scheme}:// ({exc})")
         raise UsageError(f"invalid value for checkpoint_dir: {uri!r} needs an object store client; {extra}") from None
     except ValueError as exc:
-        raise UsageError(f"invalid value for checkpoint_dir: {uri!r}; accepted: a directory or a URI such as "
-                         f"s3://bucket/prefix ({exc})") from None
+        raise UsageError(redact_uri(f"invalid value for checkpoint_dir: {uri!r}; accepted: a directory or a URI "
+                                    f"such as s3://bucket/prefix ({exc})")) from None
+    except Exception as exc:  # noqa: BLE001 - some backends connect when opened: a wrong host, a closed port
+        reason = (str(exc).splitlines() or [""])[0][:300] or type(exc).__name__
+        raise UsageError(redact_uri(f"cannot reach the checkpoint location {uri}: {type(exc).__name__}: "
+                                    f"{reason}")) from None
     for chatty in ("botocore", "aiobotocore", "s3fs"):  # "found credentials in ..." at INFO, once per process
         if logging.getLogger(chatty).level == logging.NOTSET:
             logging.getLogger(chatty).setLevel(logging.WARNING)

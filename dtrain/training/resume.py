@@ -11,7 +11,6 @@ from typing import Any
 from accelerate.logging import get_logger
 
 from dtrain.checkpoint.adapters import is_adapter_model, trainable_names
-from dtrain.checkpoint.layout import read_trainer_state
 from dtrain.checkpoint.sharded import SHARDED_MODEL_DIR, is_sharded, model_weights_file
 from dtrain.config import Config
 from dtrain.errors import UsageError
@@ -23,13 +22,6 @@ logger = get_logger(__name__)
 IGNORED_FIELDS = {"resume", "overwrite", "output_dir", "checkpoint_dir", "verify_checksums", "allow_config_change",
                   "quick", "strict_resume", "allow_inexact_resume", "async_save", "signal_grace_seconds",
                   "agree_every_steps", "log_with", "num_workers", "device"}
-
-
-def read_checkpoint_state(path: Path) -> dict[str, Any]:
-    try:
-        return read_trainer_state(path)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--resume: cannot read the trainer state of {path}: {exc}") from None
 
 
 def check_compatible(saved: dict[str, Any], task, config: Config, model, path: Path) -> None:
