@@ -40,6 +40,8 @@ GOALS = [("loop_overhead_ratio", ">=", 0.98, "dtrain loop steps/s / plain Accele
          ("goodput_ratio", ">=", 0.80, "steps kept / (clean steps/s x wall time) under kill -9"),
          ("stream_state_vs_start_ratio", "<=", 1.5, "stream: first batch 90% in from its state / at its start"),
          ("sharded_save_vs_full_ratio", ">=", 1.0, "FSDP2 sharded commit MB/s / full-state (DDP) commit MB/s, 2 ranks"),
+         ("local_save_blocking_ratio", "<=", 0.05, "loop held by a node-local tier save / by a sync persistent save"),
+         ("goodput_tiered_ratio", ">=", 0.90, "goodput under kill -9 with local saves every 5 steps (not measured yet)"),
          ("sharded_save_peak_memory_ratio", "<=", 0.6,
           "rank 0's extra peak RSS in a sharded save / full state bytes (params + AdamW)")]
 # Printed beside the goals, for reference (no goal of their own).
@@ -52,7 +54,7 @@ REFERENCE = [("sync_save_vs_raw_ratio", "sync_save_ceiling_ratio",
              ("peft_checkpoint_bytes_ratio", None,
               "bytes of a LoRA run's checkpoint / a full fine-tune's, same model (7B: docs/huggingface.md)")]
 SCRIPTS = ("bench_loop.py", "bench_checkpoint.py", "bench_resume.py", "bench_startup.py", "bench_goodput.py",
-           "bench_sharded.py", "bench_peft.py")
+           "bench_sharded.py", "bench_peft.py", "bench_local_tier.py")
 GPU_SCRIPTS = ("bench_loop.py", "bench_checkpoint.py")  # the others measure the host side: no GPU part
 
 

@@ -134,6 +134,39 @@ def test_with_every_local_dir_wiped_the_run_falls_back_to_the_persistent_tier(ru
     assert_same_end(root / "out", reference)
 
 
+def test_local_tier_flags_need_a_local_dir_and_only_its_two_placeholders():
+    from dtrain.config.local_tier import LocalTierConfig
+    from dtrain.errors import UsageError
+
+    with pytest.raises(UsageError, match="local_save_every_steps: 3; accepted: a value only with local_checkpoint_dir"):
+        LocalTierConfig(local_save_every_steps=3).validate()
+    with pytest.raises(UsageError, match=r"the only placeholders are \{node_rank\} and \{rank\}"):
+        LocalTierConfig(local_checkpoint_dir="/dev/shm/{node}").validate()
+    LocalTierConfig(local_checkpoint_dir="/dev/shm/run/{node_rank}-{rank}", local_save_every_steps=5).validate()
+
+
+def test_one_process_saves_locally_resumes_from_it_after_kill_9_and_ckpt_list_shows_it(runner, tmp_path, capsys):
+    from dtrain.commands.cli import main
+
+    out, local = tmp_path / "out", tmp_path / "local"
+    cmd = [sys.executable, TRAIN, *FAST, *STEPS, *LOCAL, "--output-dir", str(out), "--local-checkpoint-dir", str(local)]
+    killed = runner.run(cmd, cwd=REPO, DTRAIN_FAULT_AT="local_renamed", DTRAIN_FAULT_AFTER_SAVES="3")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:]
+    # Killed after the rename, before retention: three complete local checkpoints.
+    assert [p.name for p in step_dirs(local / "node_0")] == ["step_000000006", "step_000000009", "step_000000012"]
+    assert main(["ckpt", "list", str(out), "--json", "--local-checkpoint-dir", str(local)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["tier"], r["name"], r["complete"]) for r in rows] == [
+        ("persistent", "step_000000010", True), ("local", "step_000000006", True), ("local", "step_000000009", True),
+        ("local", "step_000000012", True)]
+    resumed = runner.run([*cmd, "--resume", "auto"], cwd=REPO)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert (resume_event(out)["step"], resume_event(out)["tier"]) == (12, "local")
+    plain = runner.run([sys.executable, TRAIN, *FAST, *STEPS, "--output-dir", str(tmp_path / "plain")], cwd=REPO)
+    assert plain.returncode == 0, plain.stdout[-3000:]
+    assert_same_end(out, tmp_path / "plain")
+
+
 SIGTERM_ARGS = [*FAST, "--epochs", "0", "--max-steps", "400", "--device", "cpu", "--save-every-steps", "5",
                 "--save-every-seconds", "0", "--local-save-every-steps", "1"]
 
@@ -167,3 +200,43 @@ def test_sigterm_with_too_little_grace_for_the_persistent_save_leaves_it_local_a
     assert "promoted the local checkpoint" in again.stdout
     assert verify_checkpoint(out / "checkpoints" / f"step_{stop:09d}", checksums=True).ok
     assert resume_event(out)["tier"] == "local"
+
+
+# ------------------------------------------------------------------------------------------- kills during saves
+
+KILL_STEPS = ["--epochs", "0", "--max-steps", "22", "--device", "cpu", "--save-every-steps", "0",
+              "--save-every-seconds", "0"]
+
+
+def restarting_cmd(out: Path, *args: str) -> list[str]:
+    """One torchrun with two ranks that restarts its workers when one dies; each rank is a node of the local tier
+    ({rank} in the dir), so every local save is also replicated to the other."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "12",
+            "--monitor-interval", "0.1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+            TRAIN, *FAST, *KILL_STEPS, "--output-dir", str(out), *args]
+
+
+@pytest.mark.slow
+def test_kills_during_local_saves_and_replications_never_leave_a_broken_checkpoint(runner, tmp_path):
+    """20 SIGKILLs, each restarted at once with --resume auto: 10 while a local save writes its files (every rank),
+    10 while rank 1 receives its peer's replica. The run still ends exactly where an uninterrupted one does."""
+    ref = runner.run(restarting_cmd(tmp_path / "ref"), cwd=REPO, timeout=TIMEOUT,
+                     TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    assert ref.returncode == 0, ref.stdout[-3000:]
+    faults = {"saving": {"DTRAIN_FAULT_AT": "local_state_written", "DTRAIN_FAULT_AFTER_SAVES": "1"},
+              "replicating": {"DTRAIN_FAULT_AT": "replica_started", "DTRAIN_FAULT_RANK": "1",
+                              "DTRAIN_FAULT_AFTER_SAVES": "0"}}
+    for name, fault in faults.items():
+        root = tmp_path / name
+        local = ["--local-checkpoint-dir", str(root / "local" / "{rank}"), "--local-save-every-steps", "2",
+                 "--resume", "auto"]
+        result = runner.run(restarting_cmd(root / "out", *local), cwd=REPO, timeout=TIMEOUT,
+                            TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **fault)
+        assert result.returncode == 0, result.stdout[-4000:]
+        events = [json.loads(line) for line in (root / "out" / "metrics.jsonl").read_text().splitlines()]
+        resumes = [e for e in events if e.get("event") == "resume"]
+        tiers = [(e["step"], e["tier"]) for e in resumes]
+        assert len(resumes) >= 10 and all(tier in ("local", "peer") for _, tier in tiers), (name, tiers)
+        assert "skipping damaged" not in result.stdout
+        assert every_local_checkpoint_complete(root) > 0
+        assert_same_end(root / "out", tmp_path / "ref")

@@ -87,8 +87,8 @@ def _receive(tier, sender: int) -> Path:
     temp.mkdir()
     # Every file must be received, whatever happens to one of them, or the sender and this rank fall out of step.
     problems = [f"{name}: {name_problem(name)}" for name, _ in files if name_problem(name)]
-    manifest = None
-    for index, (name, size) in enumerate(files):
+    manifest, started = None, False
+    for name, size in files:
         data = torch.empty(size, dtype=torch.uint8)
         if size:
             dist.recv(data, sender, group=tier.group)
@@ -101,7 +101,8 @@ def _receive(tier, sender: int) -> Path:
             _write(temp / name, data)
         except OSError as exc:  # keep receiving: the sender waits until every file is taken
             problems.append(f"{name}: {exc.strerror or exc}")
-        if index == 0:
+        if not started:
+            started = True
             faults.reached("replica_started", tier.rank, tier.saves_started)
     if problems or manifest is None:
         remove_tree(temp)

@@ -7,6 +7,7 @@ Each command takes a run's output dir, its checkpoints dir, or an object store U
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import tempfile
 from pathlib import Path
@@ -63,13 +64,18 @@ def ckpt_list(args) -> None:
                      "metric": metric.get("name"), "value": metric.get("value"), "bytes": check.bytes,
                      "complete": check.ok, "problem": check.reason or None,
                      "latest": name == latest, "best": name == best,
-                     "parent": state.get("parent"), "other_lineage": parse_step(name) in other_steps})
+                     "parent": state.get("parent"), "other_lineage": parse_step(name) in other_steps,
+                     "tier": "persistent"})
+    local = _local_rows(args.local_checkpoint_dir, args.checksums) if getattr(args, "local_checkpoint_dir", None) \
+        else []
     if args.json:
+        rows += local
         print(json.dumps(rows, indent=1))
         return
     if not rows:
         print(f"no checkpoints in {storage.url()}")
-        return
+        if not local:
+            return
     print(f"{'checkpoint':<16} {'step':>8} {'epoch':>5} {'metric':>14} {'size':>10}  status")
     for r in rows:
         value = f"{r['value']:.4f}" if isinstance(r["value"], (int, float)) else "-"
@@ -84,6 +90,27 @@ def ckpt_list(args) -> None:
     if other_steps:
         print(f"{len(other_steps)} checkpoint(s) belong to another lineage: they were saved after the checkpoint a "
               f"later run resumed from, and latest does not descend from them")
+    for r in local:
+        status = "complete" if r["complete"] else f"DAMAGED: {r['problem']}"
+        print(f"local {r['node']}/{r['name']:<16} {_or_unknown(r['step']):>8} {human_size(r['bytes']):>10}  {status}"
+              f"{' latest' if r['latest'] else ''}  ({r['dir']})")
+
+
+def _local_rows(template: str, checksums: bool) -> list[dict[str, Any]]:
+    """The checkpoints of a node-local tier: `node_{i}/step_N` for each node it keeps (its own, its peers')."""
+    from dtrain.checkpoint.layout import read_pointer, step_dirs, verify_checkpoint
+
+    pattern = template.replace("{node_rank}", "*").replace("{rank}", "*")
+    rows = []
+    for base in sorted(Path(p) for p in glob.glob(pattern)):
+        for node in sorted(base.glob("node_*")):
+            latest = read_pointer(node, LATEST)
+            for path in step_dirs(node):
+                check = verify_checkpoint(path, checksums)
+                rows.append({"tier": "local", "dir": str(base), "node": node.name, "name": path.name,
+                             "step": parse_step(path.name), "bytes": check.bytes, "complete": check.ok,
+                             "problem": check.reason or None, "latest": path.name == latest})
+    return rows
 
 
 def ckpt_verify(args) -> int:

@@ -75,6 +75,8 @@ def _add_ckpt(commands) -> None:
     listing.add_argument("output_dir")
     listing.add_argument("--json", action="store_true")
     listing.add_argument("--checksums", action="store_true", help="also compare every file's checksum (reads every byte)")
+    listing.add_argument("--local-checkpoint-dir", help="also list this node's local tier (its own checkpoints "
+                         "and the replicas it keeps; {node_rank} and {rank} match every value)")
     verify = sub.add_parser("verify", help="exit 0 if a checkpoint is complete, 1 with the reason if not")
     verify.add_argument("path")
     show = sub.add_parser("show", help="step, metrics, config, files and how a checkpoint was written")
