@@ -21,7 +21,8 @@ logger = get_logger(__name__)
 # Fields whose change only matters for what comes next, never for loading: no warning needed.
 IGNORED_FIELDS = {"resume", "overwrite", "output_dir", "checkpoint_dir", "verify_checksums", "allow_config_change",
                   "quick", "strict_resume", "allow_inexact_resume", "async_save", "signal_grace_seconds",
-                  "agree_every_steps", "log_with", "num_workers", "device"}
+                  "agree_every_steps", "log_with", "num_workers", "device", "max_time", "local_checkpoint_dir",
+                  "local_save_every_steps", "local_save_every_seconds", "local_replicas"}  # where and how long
 
 
 def check_compatible(saved: dict[str, Any], task, config: Config, model, path: Path) -> None:
