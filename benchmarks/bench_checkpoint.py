@@ -125,7 +125,7 @@ class Sides:
 
     def trainer_state(self) -> dict:
         return {"global_step": self.step, "epoch": 0, "step_in_epoch": self.step, "epoch_samples_seen": 0,
-                "samples_seen": 0, "world_size": 1, "task": "bench", "created": time.time()}
+                "samples_seen": 0, "world_size": 1, "task": "bench", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     # -------------------------------------------------------------------------------------- the sides
 
