@@ -111,21 +111,8 @@ def load_adapter(model, config: TaskConfig, adapter_weights: Path, frozen_base: 
     """A PeftModel of `model` (the base, rebuilt as the run built it) holding a checkpoint's adapter: its
     model.safetensors (the model's own state_dict names, trainable tensors only). A base other than the one the
     checkpoint records (`frozen_base`) is refused: the adapter means nothing on it."""
-    from safetensors.torch import load_file
-
-    from dtrain.checkpoint.adapters import frozen_base_identity, trainable_names
+    from dtrain.checkpoint.adapters import load_trainable
 
     peft_model = wrap_with_adapter(model, config, 0)
-    now = frozen_base_identity(peft_model)
-    if frozen_base and now != frozen_base:
-        raise UsageError(f"the base model the run names ({config.model or config.model_config or 'built in'}) "
-                         f"changed since the checkpoint was written (fingerprint {frozen_base}, now {now}); "
-                         f"accepted: the base it was trained on")
-    saved = load_file(str(adapter_weights))
-    missing = sorted(trainable_names(peft_model) - saved.keys())
-    unexpected = sorted(saved.keys() - peft_model.state_dict().keys())
-    if missing or unexpected:
-        raise UsageError(f"{adapter_weights} does not fit the run's adapter (missing: {missing[:3]}; not in the "
-                         f"model: {unexpected[:3]})")
-    peft_model.load_state_dict(saved, strict=False)
+    load_trainable(peft_model, adapter_weights, frozen_base, str(adapter_weights))
     return peft_model
