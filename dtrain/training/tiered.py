@@ -101,6 +101,8 @@ class LocalSaves:
         started = time.monotonic()
         step = trainer.state.global_step
         self.save(trainer, wait=True)
+        if trainer.checkpoints.last_saved_step == step:  # its schedule saved this step persistently already:
+            return save_persistent(), "persistent"        # that save is under way (or done), and it is finished
         used = time.monotonic() - started
         needed = p95(self.persistent_seconds)
         skip = trainer.is_main and needed is not None and needed > grace - used
