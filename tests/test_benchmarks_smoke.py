@@ -21,11 +21,12 @@ KEYS = ("loop_overhead_ratio", "sync_save_vs_raw_fsync_ratio", "sync_save_vs_dis
         "async_blocking_ratio", "checkpoint_overhead_ratio", "checkpoint_overhead_sync_ratio", "resume_skip_ratio",
         "resume_startup_ratio", "goodput_ratio", "goodput_plain_accelerate", "sharded_save_vs_full_ratio",
         "sharded_save_peak_memory_ratio", "sharded_full_save_peak_memory_ratio", "verify_vs_read_ratio",
-        "sync_save_vs_raw_fsync_ratio_1g", "sync_save_vs_disk_ratio_1g", "store_commit_vs_upload_ratio")
+        "sync_save_vs_raw_fsync_ratio_1g", "sync_save_vs_disk_ratio_1g", "store_commit_vs_upload_ratio",
+        "goodput_tiered_ratio", "goodput_persistent_only")
 # With tiny sizes on a busy machine a job may not get past its start-up before it is killed: 0 is a valid goodput.
 # A save that allocates no new pages leaves the peak RSS where it was: 0 is a valid extra peak.
-MAY_BE_ZERO = ("goodput_ratio", "goodput_plain_accelerate", "sharded_save_peak_memory_ratio",
-               "sharded_full_save_peak_memory_ratio")
+MAY_BE_ZERO = ("goodput_ratio", "goodput_plain_accelerate", "goodput_tiered_ratio", "goodput_persistent_only",
+               "sharded_save_peak_memory_ratio", "sharded_full_save_peak_memory_ratio")
 
 
 @pytest.mark.slow
