@@ -60,29 +60,27 @@ def resume_event(out: Path) -> dict:
     return [e for e in events if e.get("event") == "resume"][-1]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The same two-rank run, never interrupted, without a local tier."""
+def uninterrupted_run(tmp_path_factory, *args: str) -> Path:
+    """The two-node run with `args`, never interrupted, without a local tier: its output dir."""
     from conftest import Runner
 
     runner, root = Runner(), tmp_path_factory.mktemp("reference")
     try:
-        codes, output = run_two_nodes(runner, "--output-dir", str(root / "out"))
+        codes, output = run_two_nodes(runner, *args, "--output-dir", str(root / "out"))
     finally:
         runner.cleanup()
     assert codes == [0, 0], output
     return root / "out"
 
 
-@pytest.fixture(scope="module")
-def killed(tmp_path_factory):
-    """A two-node run whose every process was SIGKILLed right after its 4th local save (step 12) committed and
-    replicated; the persistent tier holds step 10."""
+def run_killed_after_step_12(tmp_path_factory, *args: str) -> Path:
+    """The two-node run with `args`, every process SIGKILLed right after its 4th local save (step 12) committed and
+    replicated; the persistent tier holds step 10. Returns its root (out/ and local/)."""
     from conftest import Runner
 
     runner, root = Runner(), tmp_path_factory.mktemp("killed")
     try:
-        codes, output = run_two_nodes(runner, "--output-dir", str(root / "out"), *local_args(root),
+        codes, output = run_two_nodes(runner, *args, "--output-dir", str(root / "out"), *local_args(root),
                                       DTRAIN_FAULT_AT="local_retention_done", DTRAIN_FAULT_AFTER_SAVES="3")
     finally:
         runner.cleanup()
@@ -90,6 +88,16 @@ def killed(tmp_path_factory):
     assert (root / "local/0/node_0/step_000000012").is_dir() and (root / "local/1/node_0/step_000000012").is_dir()
     assert [p.name for p in step_dirs(root / "out" / "checkpoints")] == ["step_000000010"]
     return root
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return uninterrupted_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    return run_killed_after_step_12(tmp_path_factory)
 
 
 def copy_of(killed: Path, tmp_path: Path) -> Path:

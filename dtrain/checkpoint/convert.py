@@ -19,7 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from dtrain.checkpoint.sharded import SHARDED_DIRS, SHARDED_MODEL_DIR, SHARDED_OPTIMIZER_DIR, full_state, is_sharded
+from dtrain.checkpoint.sharded import SHARDED_DIRS, SHARDED_MODEL_DIR, SHARDED_OPTIMIZER_DIR, full_state, \
+    is_local_sharded, is_sharded
 from dtrain.errors import UsageError
 
 FULL_MODEL_FILE = "model.safetensors"
@@ -32,7 +33,7 @@ def run_layout(checkpoint: Path, sharded_run: bool, model, optimizer) -> Iterato
     """The checkpoint in the layout of this run: itself when it already is; else a temporary view (see above).
     `model`, `optimizer`: the unwrapped model and the torch optimizer of this run."""
     checkpoint = Path(checkpoint)
-    if is_sharded(checkpoint) == sharded_run:
+    if is_sharded(checkpoint) == sharded_run or is_local_sharded(checkpoint):  # a node's shards: as they are
         yield checkpoint
         return
     with tempfile.TemporaryDirectory(prefix="dtrain-convert-") as temp:

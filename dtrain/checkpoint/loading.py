@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterator
 
 from dtrain import compat
 from dtrain.checkpoint.adapters import is_adapter_model
-from dtrain.checkpoint.sharded import SHARDED_MODEL_PREFIX, SHARDED_OPTIMIZER_PREFIX, UnsafeCheckpoint
+from dtrain.checkpoint.sharded import SHARDED_MODEL_PREFIX, SHARDED_OPTIMIZER_PREFIX, UnsafeCheckpoint, \
+    local_shard_ranks, local_shards_dir
 from dtrain.checkpoint.snapshot import is_fsdp2
 from dtrain.distributed import gather_objects, is_lost_peer, run_and_agree
 from dtrain.errors import CheckpointError, UsageError
@@ -55,15 +56,27 @@ def safe_load(file: Path, map_location: Any = "cpu") -> Any:
 def load_prepared_state(accelerator, path: Path) -> None:
     """`accelerator.load_state(path)`, except that registered objects are restored with weights_only=True.
     A PEFT model's checkpoint holds only its trainable tensors (adapters.py): loaded with strict=False, the
-    frozen base stays as the run rebuilt it (the caller has checked that the file holds every trainable one)."""
+    frozen base stays as the run rebuilt it (the caller has checked that the file holds every trainable one).
+    A node-local checkpoint of a sharded run holds each of its ranks' shards on their own (local_tier.py):
+    each rank reads its own."""
     path = Path(path)
     adapters = any(is_adapter_model(m) for m in compat.prepared_models(accelerator))
-    kwargs = {"strict": False} if adapters else {}
-    if adapters and is_fsdp2(accelerator):
+    own_shards = local_shard_ranks(path)
+    if own_shards and not is_fsdp2(accelerator):
+        raise ValueError("it is a node-local checkpoint of a --sharding fsdp2 run: only a run with that sharding "
+                         "and world size loads it")
+    if is_fsdp2(accelerator) and (adapters or own_shards):
         with compat.models_and_optimizers_hidden(accelerator):
-            load_prepared_state(accelerator, path)  # scheduler, scaler, RNG, registered objects
-        load_sharded_adapters(accelerator, path)
+            _load_state(accelerator, path, {})  # scheduler, scaler, RNG, registered objects
+        if own_shards and accelerator.process_index not in own_shards:
+            raise ValueError(f"it holds the shards of rank(s) {own_shards}, not of rank {accelerator.process_index}")
+        load_shards(accelerator, path / local_shards_dir(accelerator.process_index) if own_shards else path,
+                    own_only=bool(own_shards))
         return
+    _load_state(accelerator, path, {"strict": False} if adapters else {})
+
+
+def _load_state(accelerator, path: Path, kwargs: dict) -> None:
     custom_files = sorted(p.name for p in path.iterdir() if CUSTOM_FILE.match(p.name))
     objects = compat.registered_objects(accelerator)
     if len(custom_files) != len(objects):  # Accelerate refuses this too, before reading anything
@@ -83,23 +96,29 @@ def load_prepared_state(accelerator, path: Path) -> None:
         obj.load_state_dict(state)
 
 
-def load_sharded_adapters(accelerator, path: Path) -> None:
-    """The sharded (FSDP2) state of PEFT models: their trainable parameters (the DCP directory holds no frozen
-    ones; each rank reads its shards) and their optimizers' state, as Accelerate's FSDP2 loader reads them."""
+def load_shards(accelerator, path: Path, own_only: bool = False) -> None:
+    """Sharded (FSDP2) model and optimizer state from the DCP directories in `path`, as Accelerate's FSDP2 loader
+    reads them; of a PEFT model only the parameters that train (its DCP directory holds no frozen ones).
+    `own_only`: the directories index this rank's chunks alone (a node-local checkpoint), read with no process
+    group; otherwise every rank reads its shards of a checkpoint that all ranks wrote together."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                          get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
 
+    def read(state: dict, dcp_dir: Path) -> None:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=own_only)
+
     models = compat.prepared_models(accelerator)
     for i, model in enumerate(models):
-        state = {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))}
-        dcp.load(state, checkpoint_id=str(path / f"{SHARDED_MODEL_PREFIX}{i}"))
-        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+        adapter = is_adapter_model(model)
+        state = {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=adapter))}
+        read(state, path / f"{SHARDED_MODEL_PREFIX}{i}")
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=not adapter))
     for i, optimizer in enumerate(compat.prepared_optimizers(accelerator)):
         torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # the one Accelerate wraps
         state = {"optimizer": get_optimizer_state_dict(models[i], torch_optimizer)}
-        dcp.load(state, checkpoint_id=str(path / f"{SHARDED_OPTIMIZER_PREFIX}{i}"))
+        read(state, path / f"{SHARDED_OPTIMIZER_PREFIX}{i}")
         set_optimizer_state_dict(models[i], torch_optimizer, state["optimizer"])
 
 

@@ -8,7 +8,11 @@ manifest, `latest`): a node's own in `node_{own}/`, the copies it keeps for peer
 What a node's checkpoint holds: what its ranks need to resume. In a full-state (DDP) run every rank holds the
 whole model and optimizer state, so each node's first process writes it (model.safetensors, optimizer.bin,
 scheduler.bin, ...) with trainer_state.json, and each rank its RNG file: the files `save_state` writes, minus
-the other nodes' RNG files. `Accelerator.load_state` loads it as it is.
+the other nodes' RNG files. `Accelerator.load_state` loads it as it is. In a sharded (FSDP2) run each rank holds
+only its shards, so each writes them on its own, `shards_rank{R}/` (a DCP directory per model and optimizer that
+indexes rank R's chunks only, sharded.py), which rank R alone reads back in a run of the same world size; the
+first process writes the rest (scheduler.bin, trainer_state.json). Such a checkpoint is not a persistent one:
+promoting it re-saves the state once loaded (tier_recovery.py).
 
 A save is the commit protocol of the persistent tier, per node (every rank calls it; the background thread's own
 gloo group): the node's first process makes a fresh `.tmp-step_N`; every rank writes its files there (hashed
@@ -36,8 +40,9 @@ from accelerate.logging import get_logger
 from dtrain import faults
 from dtrain.checkpoint.background import BackgroundSave
 from dtrain.checkpoint.commit import Phases, SaveReport
-from dtrain.checkpoint.layout import TRAINER_STATE, parse_step, step_dir_name, step_dirs, temp_dir_name, write_manifest
-from dtrain.checkpoint.snapshot import HostCopier, Snapshot, is_fsdp2, take_snapshot, writes_like_save_state
+from dtrain.checkpoint.layout import TRAINER_STATE, hash_and_sync, parse_step, step_dir_name, step_dirs, temp_dir_name, \
+    write_manifest
+from dtrain.checkpoint.snapshot import HostCopier, Snapshot, take_snapshot, writes_node_checkpoints
 from dtrain.checkpoint.storage import LocalDirectory
 from dtrain.checkpoint.writer import TEXT, write_files
 from dtrain.checksum import DEFAULT_CHECKSUM
@@ -101,10 +106,10 @@ class LocalTier:
 
     def __init__(self, accelerator: Accelerator, template: str, replicas: int | None = None,
                  checksum: str = DEFAULT_CHECKSUM, async_save: bool = True):
-        if is_fsdp2(accelerator) or not writes_like_save_state(accelerator):
-            raise UsageError("invalid value for local_checkpoint_dir: the node-local tier needs a full-state run "
-                             "whose state dtrain writes itself (not --sharding fsdp2, no objects registered "
-                             "for checkpointing); use --checkpoint-dir alone")
+        if not writes_node_checkpoints(accelerator):
+            raise UsageError("invalid value for local_checkpoint_dir: the node-local tier needs a run whose state "
+                             "dtrain writes itself (no objects registered for checkpointing, no prepared "
+                             "dataloaders or save-state hooks, no save_on_each_node); use --checkpoint-dir alone")
         self.accelerator = accelerator
         self.rank = accelerator.process_index
         self.base = tier_dir(template, self.rank)
@@ -210,6 +215,8 @@ class LocalTier:
         if self.is_first:
             files.append((TRAINER_STATE, TEXT, json.dumps(state, indent=1, default=str)))
         self._written = write_files(temp, files, self.checksum)
+        if snapshot.sharded:  # this rank's shards (FSDP2), indexed on their own: no node holds the others'
+            self._written.update(hash_and_sync(temp, snapshot.write_rank_shards(temp), self.checksum))
         self._reached("local_state_written")
 
     def _commit(self, step: int, temp: Path, written: dict[str, Any]) -> int:

@@ -196,6 +196,17 @@ class CheckpointManager:
         phases(copy)
         return self._commit_and_prune(step, temp, started, phases)
 
+    def commit_loaded(self, step: int, trainer_state: dict[str, Any]) -> SaveReport:
+        """Commits, synchronously, the state this run has just loaded, under the trainer state it was loaded with
+        (its lineage included): a sharded node-local checkpoint being promoted. Call on every rank."""
+        started = time.perf_counter()
+        self.wait()
+        temp = self.commit.staging_dir(step)
+        phases = self._phases(step, temp, None)
+        phases(lambda: self._prepare(temp))
+        phases(lambda: self._write_files(temp, trainer_state, None))
+        return self._commit_and_prune(step, temp, started, phases)
+
     def before_optimizer_step(self) -> None:
         """Call right before every optimizer.step(): waits until an async save's copy of the parameters and
         optimizer state is complete (usually it long is), so the step cannot change them under it."""

@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +29,11 @@ SHARDED_MODEL_PREFIX, SHARDED_OPTIMIZER_PREFIX = "pytorch_model_fsdp_", "optimiz
 SHARDED_MODEL_DIR = f"{SHARDED_MODEL_PREFIX}0"
 SHARDED_OPTIMIZER_DIR = f"{SHARDED_OPTIMIZER_PREFIX}0"
 SHARDED_DIRS = (SHARDED_MODEL_DIR, SHARDED_OPTIMIZER_DIR)
+# A node-local checkpoint of a sharded run (local_tier.py) holds each of its node's ranks' shards on their own:
+# `shards_rank{R}/pytorch_model_fsdp_0/` etc., each a DCP directory indexing rank R's chunks only (no node holds
+# the others'), which rank R alone reads back, in a run of the same world size.
+LOCAL_SHARDS_PREFIX = "shards_rank"
+_LOCAL_SHARDS_DIR = re.compile(rf"{LOCAL_SHARDS_PREFIX}([0-9]+)")
 DCP_METADATA = ".metadata"
 
 # Every global a DCP `.metadata` written by torch 2.x refers to: its dataclasses, sizes, dtypes, layouts, the path
@@ -62,6 +68,23 @@ class _MetadataUnpickler(pickle.Unpickler):
 def is_sharded(checkpoint: Path) -> bool:
     """Whether a checkpoint directory holds sharded (DCP) model state rather than model.safetensors."""
     return (Path(checkpoint) / SHARDED_MODEL_DIR).is_dir()
+
+
+def local_shards_dir(rank: int) -> str:
+    return f"{LOCAL_SHARDS_PREFIX}{rank}"
+
+
+def local_shard_ranks(checkpoint: Path) -> list[int]:
+    """The ranks whose own shards a node-local checkpoint holds (empty: not a node-local sharded checkpoint)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        return []
+    found = (_LOCAL_SHARDS_DIR.fullmatch(p.name) for p in checkpoint.iterdir() if p.is_dir() and not p.is_symlink())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def is_local_sharded(checkpoint: Path) -> bool:
+    return bool(local_shard_ranks(checkpoint))
 
 
 def read_metadata(dcp_dir: Path) -> Any:
@@ -110,10 +133,15 @@ def check_sharded_dir(dcp_dir: Path) -> None:
 
 
 def check_sharded(checkpoint: Path) -> None:
-    """`check_sharded_dir` for every DCP directory of a sharded checkpoint (model and optimizer)."""
-    for name in SHARDED_DIRS:
-        if (Path(checkpoint) / name).is_dir():
-            check_sharded_dir(Path(checkpoint) / name)
+    """`check_sharded_dir` for every DCP directory of a sharded checkpoint (model and optimizer), and of each
+    rank's shards in a node-local one."""
+    checkpoint = Path(checkpoint)
+    roots = [checkpoint, *(checkpoint / local_shards_dir(rank) for rank in local_shard_ranks(checkpoint))]
+    for root in roots:
+        for dcp_dir in sorted(root.iterdir()):
+            if dcp_dir.name.startswith((SHARDED_MODEL_PREFIX, SHARDED_OPTIMIZER_PREFIX)) and dcp_dir.is_dir() \
+                    and not dcp_dir.is_symlink():
+                check_sharded_dir(dcp_dir)
 
 
 def full_state(dcp_dir: Path) -> dict:

@@ -27,7 +27,8 @@ from accelerate.utils import clean_state_dict_for_safetensors
 
 from dtrain import compat
 from dtrain.checkpoint.adapters import is_adapter_model, only_trainable
-from dtrain.checkpoint.sharded import SHARDED_MODEL_PREFIX, SHARDED_OPTIMIZER_PREFIX
+from dtrain.checkpoint.names import regular_files
+from dtrain.checkpoint.sharded import SHARDED_MODEL_PREFIX, SHARDED_OPTIMIZER_PREFIX, local_shards_dir
 from dtrain.checkpoint.writer import SAFETENSORS, TORCH, FileDigest, write_files
 from dtrain.checksum import DEFAULT_CHECKSUM
 from dtrain.rng import ProcessRNG
@@ -184,6 +185,17 @@ class Snapshot:
         for name, state in self.sharded.items():
             dcp.save(state, storage_writer=dcp.FileSystemWriter(str(directory / name)), process_group=process_group)
 
+    def write_rank_shards(self, directory: Path) -> list[str]:
+        """Writes this rank's shards on their own, with no process group: each DCP directory under
+        `shards_rank{R}/`, indexing this rank's chunks only (a node-local checkpoint: no node holds the others').
+        Returns the names of the files written, relative to `directory`."""
+        import torch.distributed.checkpoint as dcp
+
+        root = Path(directory) / local_shards_dir(self.process_index)
+        for name, state in self.sharded.items():
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(root / name)), no_dist=True)
+        return [f"{root.name}/{name}" for name in regular_files(root)]
+
 
 class _NoCopy:
     defer_storages: set[int] = set()
@@ -207,6 +219,14 @@ def writes_like_save_state(accelerator: Accelerator) -> bool:
     return (supports_snapshot(accelerator) and (not is_fsdp2(accelerator) or sharded_adapter)
             and compat.only_dtrain_writable_state(accelerator)
             and not accelerator.project_configuration.save_on_each_node)
+
+
+def writes_node_checkpoints(accelerator: Accelerator) -> bool:
+    """Whether a snapshot holds everything a node-local checkpoint needs: what `writes_like_save_state` asks, or
+    a sharded (FSDP2) run's shards, which each rank then writes on its own (`Snapshot.write_rank_shards`)."""
+    return (writes_like_save_state(accelerator) or (
+        is_fsdp2(accelerator) and compat.only_dtrain_writable_state(accelerator)
+        and not accelerator.project_configuration.save_on_each_node))
 
 
 def supports_snapshot(accelerator: Accelerator) -> bool:

@@ -13,7 +13,9 @@ with the RNG files of all of j's ranks on some node. Then:
 
 A step chosen from a fast tier is then promoted: committed to the persistent tier (`CheckpointManager.
 commit_copy`) before training goes on, unless that tier already holds it, so a local checkpoint is promoted once
-and the persistent tier's lineage (parents, retention, fallback) stays whole.
+and the persistent tier's lineage (parents, retention, fallback) stays whole. A sharded run's local checkpoint
+indexes each rank's shards on their own, which no copy turns into one persistent DCP checkpoint: it is promoted
+right after it is loaded, by a save of that state under its own trainer state (`CheckpointManager.commit_loaded`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from dtrain.checkpoint.layout import MANIFEST, file_owner, parse_step, read_trai
 from dtrain.checkpoint.local_tier import LocalTier, node_dir_name
 from dtrain.checkpoint.names import regular_files
 from dtrain.checkpoint.replication import exchange
+from dtrain.checkpoint.sharded import is_local_sharded, local_shard_ranks
+from dtrain.checkpoint.snapshot import is_fsdp2
 from dtrain.distributed import gather_objects, run_and_agree
 from dtrain.errors import CheckpointError
 
@@ -44,9 +48,9 @@ class TierChoice:
     path: Path  # this node's copy, in its own tier
 
 
-def holdings(tier: LocalTier, above: int | None, checksums: bool) -> list[tuple[int, int, int, list[int]]]:
-    """(owner node, step, world size, ranks with an RNG file) of each complete checkpoint this node's tier
-    keeps above step `above`."""
+def holdings(tier: LocalTier, above: int | None, checksums: bool) -> list[tuple[int, int, int, bool, list[int]]]:
+    """(owner node, step, world size, whether it holds shards, the ranks it can resume: RNG file, and shards if
+    sharded) of each complete checkpoint this node's tier keeps above step `above`."""
     found = []
     for owner, directory in sorted(tier.node_dirs().items()):
         for path in step_dirs(directory):
@@ -62,14 +66,17 @@ def holdings(tier: LocalTier, above: int | None, checksums: bool) -> list[tuple[
             except (OSError, ValueError):
                 continue
             ranks = sorted(int(m.group(1)) for m in map(RNG_FILE.fullmatch, regular_files(path)) if m)
-            found.append((owner, step, world_size, ranks))
+            shards = local_shard_ranks(path)  # a sharded run's: each rank needs its own shards too
+            if shards:
+                ranks = sorted(set(ranks) & set(shards))
+            found.append((owner, step, world_size, bool(shards), ranks))
     return found
 
 
 def choose(tier: LocalTier, persistent_step: int | None, checksums: bool) -> TierChoice | None:
     """The newest step complete for every rank in the fast tiers, newer than `persistent_step`, brought to every
     node that lacks its own copy; None: resume from the persistent tier. Call on every rank."""
-    nodes, world = tier.nodes, tier.accelerator.num_processes
+    nodes, world, sharded_run = tier.nodes, tier.accelerator.num_processes, is_fsdp2(tier.accelerator)
     report: list = []
     ok, error = run_and_agree(lambda: report.extend(holdings(tier, persistent_step, checksums)), tier.is_first,
                               tier.device)
@@ -79,8 +86,9 @@ def choose(tier: LocalTier, persistent_step: int | None, checksums: bool) -> Tie
     keepers: dict[tuple[int, int], list[int]] = {}  # (owner node, step) -> nodes that keep a complete copy
     for holder, held in enumerate(gather_objects((nodes.index, report))):
         node, entries = held
-        for owner, step, world_size, ranks in entries:
-            if owner < nodes.count and world_size == world and set(nodes.members[owner]) <= set(ranks):
+        for owner, step, world_size, sharded, ranks in entries:
+            if owner < nodes.count and world_size == world and sharded == sharded_run \
+                    and set(nodes.members[owner]) <= set(ranks):
                 keepers.setdefault((owner, step), []).append(node)
     steps = sorted({step for _, step in keepers}, reverse=True)
     step = next((s for s in steps if all((j, s) in keepers for j in range(nodes.count))), None)
@@ -113,14 +121,38 @@ def _transfer(tier: LocalTier, owner: int, holder: int, step: int) -> None:
                    f"replica node {holder} keeps", main_process_only=True)
 
 
+def needs_promotion(checkpoints, step: int) -> bool:
+    """Whether the persistent tier lacks a complete checkpoint of `step` (a local one is promoted only once)."""
+    name = step_dir_name(step)
+    return not (name in checkpoints.storage.step_names() and checkpoints.storage.verify(name).ok)
+
+
+def promotes_by_copy(choice: TierChoice) -> bool:
+    """A full-state local checkpoint is a persistent one already; a sharded one indexes each rank's shards on
+    their own, so it is promoted by saving the state once loaded (`promote_loaded`)."""
+    return not is_local_sharded(choice.path)
+
+
 def promote(checkpoints, choice: TierChoice, rank: int) -> bool:
     """Commits the chosen local checkpoint to the persistent tier (every rank), unless it already holds it.
     Each rank copies the files it would have written itself (its RNG file; rank 0 also the shared state)."""
     name = step_dir_name(choice.step)
-    if name in checkpoints.storage.step_names() and checkpoints.storage.verify(name).ok:
+    if not needs_promotion(checkpoints, choice.step):
         return False
     names = [n for n in regular_files(choice.path) if n != MANIFEST and file_owner(n) == rank]
     report = checkpoints.commit_copy(choice.step, choice.path, names)
     logger.info(f"promoted the local checkpoint {name} to the persistent tier ({report.path}, "
                 f"{report.total_seconds:.2f}s)")
+    return True
+
+
+def promote_loaded(checkpoints, choice: TierChoice, saved: dict) -> bool:
+    """Commits the state just loaded from a sharded local checkpoint to the persistent tier (every rank), as a
+    persistent sharded checkpoint under the local one's own trainer state (its lineage included), unless that
+    tier already holds the step."""
+    if not needs_promotion(checkpoints, choice.step):
+        return False
+    report = checkpoints.commit_loaded(choice.step, saved)
+    logger.info(f"promoted the local checkpoint {step_dir_name(choice.step)} to the persistent tier, its shards "
+                f"saved again by every rank ({report.path}, {report.total_seconds:.2f}s)")
     return True

@@ -43,7 +43,10 @@ def start(trainer) -> None:
     if source is None:
         _start_fresh(trainer)
     else:
-        _resume(trainer, *_load_first_loadable(trainer, source), tier=tier)
+        loaded, path, saved = _load_first_loadable(trainer, source)
+        _resume(trainer, loaded, path, saved, tier=tier)
+        if trainer.local_saves is not None:
+            trainer.local_saves.loaded(loaded, saved)  # a sharded local checkpoint is promoted now
     checkpoints.clean_stale()  # only now: a refused start must not touch a run's leftovers
     if trainer.local_saves is not None:  # what the local tier holds beyond where this run goes on is abandoned
         trainer.local_saves.forget(trainer.state.global_step if source is not None else None)

@@ -45,6 +45,7 @@ class LocalSaves:
         self.checkpoints = checkpoints
         self.persistent_seconds: list[float] = []  # this run's persistent saves, for the stop's budget
         self.stop_tier: str | None = None  # the tier that holds the checkpoint of a stop on a signal
+        self.promote_after_load: tier_recovery.TierChoice | None = None  # a sharded local checkpoint chosen
 
     # ------------------------------------------------------------------------------------------ saves
 
@@ -126,8 +127,18 @@ class LocalSaves:
             if refused is not None:
                 raise refused
             return persistent, "persistent"
-        tier_recovery.promote(self.checkpoints, choice, trainer.accelerator.process_index)
+        if tier_recovery.promotes_by_copy(choice):
+            tier_recovery.promote(self.checkpoints, choice, trainer.accelerator.process_index)
+        else:
+            self.promote_after_load = choice
         return choice.path, choice.tier
+
+    def loaded(self, source, saved: dict) -> None:
+        """After the resume's load (every rank): a sharded local checkpoint is promoted now, by saving the state
+        just loaded. Nothing happens when the load fell back to another checkpoint."""
+        choice, self.promote_after_load = self.promote_after_load, None
+        if choice is not None and str(source) == str(choice.path):
+            tier_recovery.promote_loaded(self.checkpoints, choice, saved)
 
     def forget(self, step: int | None) -> None:
         """After the start: what the local tier holds beyond the step this run continues from is abandoned."""
