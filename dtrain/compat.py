@@ -85,6 +85,12 @@ def models_and_optimizers_hidden(accelerator) -> Iterator[None]:
         accelerator._models, accelerator._optimizers = models, optimizers  # noqa: SLF001
 
 
+def snapshot_covers_state(accelerator) -> bool:
+    """True when a snapshot (snapshot.py) can hold all that `save_state` would write: no save-state pre-hooks and
+    no prepared dataloaders, which only `save_state` knows how to save (registered objects it can hold)."""
+    return not accelerator._save_model_state_pre_hook and not accelerator._dataloaders  # noqa: SLF001
+
+
 def only_dtrain_writable_state(accelerator) -> bool:
     """True when `save_state` would write nothing beyond models, optimizers, schedulers, scaler and RNG: no
     save-state pre-hooks, no prepared dataloaders, no registered objects."""

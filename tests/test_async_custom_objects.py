@@ -80,3 +80,49 @@ def test_async_and_sync_checkpoints_hold_the_same_custom_files(tmp_path):
     a, b = (load(tmp_path / d / "step_000000001" / "custom_checkpoint_0.pkl", weights_only=False)
             for d in ("sync", "async"))
     assert torch.equal(a["total"], b["total"]) and a["history"] == b["history"] and a["calls"] == b["calls"]
+
+
+def test_the_node_local_tier_keeps_registered_objects_and_restores_them_weights_only(tmp_path):
+    from dtrain.checkpoint.loading import load_prepared_state
+    from dtrain.checkpoint.local_tier import LocalTier
+
+    accelerator, (first, second) = prepared(2)
+    first.advance(3)
+    second.advance(7)
+    tier = LocalTier(accelerator, str(tmp_path / "local"))
+    tier.save(4, {"global_step": 4})  # asynchronous: the objects are copied now, written in the background
+    first.advance(100)
+    second.history.append(999)
+    report = tier.wait()
+    assert verify_checkpoint(report.path, checksums=True).ok
+    assert {"custom_checkpoint_0.pkl", "custom_checkpoint_1.pkl"} <= {p.name for p in report.path.iterdir()}
+    load_prepared_state(accelerator, report.path)
+    assert (first.total.tolist(), first.history, first.calls) == ([3.0] * 3, [3], 1)
+    assert (second.total.tolist(), second.history, second.calls) == ([7.0] * 3, [7], 1)
+
+
+class Opaque:
+    """Not plain data: weights_only cannot read it back."""
+
+
+def test_a_registered_object_that_weights_only_cannot_read_fails_the_first_local_save(tmp_path):
+    from dtrain.checkpoint.local_tier import LocalTier
+    from dtrain.errors import CheckpointError
+
+    accelerator, (counter,) = prepared(1)
+    counter.history.append(Opaque())
+    tier = LocalTier(accelerator, str(tmp_path / "local"))
+    with pytest.raises(CheckpointError, match="custom_checkpoint_0|Opaque|weights_only"):
+        tier.save(1, {"global_step": 1}, wait=True)
+    assert not any((tmp_path / "local" / "node_0").glob("step_*"))
+
+
+def test_the_node_local_tier_refuses_a_run_with_a_dataloader_only_save_state_can_write(tmp_path):
+    from dtrain.checkpoint.local_tier import LocalTier
+    from dtrain.errors import UsageError
+
+    accelerator, _ = prepared(0)
+    accelerator.prepare(torch.utils.data.DataLoader(list(range(8)), batch_size=2))
+    with pytest.raises(UsageError, match="invalid value for local_checkpoint_dir: .*prepared dataloaders"):
+        LocalTier(accelerator, str(tmp_path / "local"))
+    assert not (tmp_path / "local").exists()

@@ -8,7 +8,8 @@ manifest, `latest`): a node's own in `node_{own}/`, the copies it keeps for peer
 What a node's checkpoint holds: what its ranks need to resume. In a full-state (DDP) run every rank holds the
 whole model and optimizer state, so each node's first process writes it (model.safetensors, optimizer.bin,
 scheduler.bin, ...) with trainer_state.json, and each rank its RNG file: the files `save_state` writes, minus
-the other nodes' RNG files. `Accelerator.load_state` loads it as it is. In a sharded (FSDP2) run each rank holds
+the other nodes' RNG files (and the objects registered with `register_for_checkpointing`, written by each node's
+first process). `Accelerator.load_state` loads it as it is. In a sharded (FSDP2) run each rank holds
 only its shards, so each writes them on its own, `shards_rank{R}/` (a DCP directory per model and optimizer that
 indexes rank R's chunks only, sharded.py), which rank R alone reads back in a run of the same world size; the
 first process writes the rest (scheduler.bin, trainer_state.json). Such a checkpoint is not a persistent one:
@@ -42,6 +43,7 @@ from dtrain.checkpoint.background import BackgroundSave
 from dtrain.checkpoint.commit import Phases, SaveReport
 from dtrain.checkpoint.layout import TRAINER_STATE, hash_and_sync, parse_step, step_dir_name, step_dirs, temp_dir_name, \
     write_manifest
+from dtrain.checkpoint.loading import check_registered_state
 from dtrain.checkpoint.snapshot import HostCopier, Snapshot, take_snapshot, writes_node_checkpoints
 from dtrain.checkpoint.storage import LocalDirectory
 from dtrain.checkpoint.writer import TEXT, write_files
@@ -108,8 +110,8 @@ class LocalTier:
                  checksum: str = DEFAULT_CHECKSUM, async_save: bool = True):
         if not writes_node_checkpoints(accelerator):
             raise UsageError("invalid value for local_checkpoint_dir: the node-local tier needs a run whose state "
-                             "dtrain writes itself (no objects registered for checkpointing, no prepared "
-                             "dataloaders or save-state hooks, no save_on_each_node); use --checkpoint-dir alone")
+                             "dtrain writes itself (no prepared dataloaders or save-state hooks, no "
+                             "save_on_each_node); use --checkpoint-dir alone")
         self.accelerator = accelerator
         self.rank = accelerator.process_index
         self.base = tier_dir(template, self.rank)
@@ -182,6 +184,8 @@ class LocalTier:
 
         temp = self.dir / temp_dir_name(step)
         phases = Phases(self.device, self.group, lambda error: self._failed(step, temp, error))
+        if self.saves_started == 1:  # registered objects that weights_only could not read back fail the first save
+            phases(lambda: check_registered_state(self.accelerator))
         phases(lambda: self._prepare(temp), self.is_first)
         self._reached("local_temp_created")
         phases(lambda: self._write(temp, state, snapshot, copied))

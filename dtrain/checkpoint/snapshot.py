@@ -222,11 +222,11 @@ def writes_like_save_state(accelerator: Accelerator) -> bool:
 
 
 def writes_node_checkpoints(accelerator: Accelerator) -> bool:
-    """Whether a snapshot holds everything a node-local checkpoint needs: what `writes_like_save_state` asks, or
-    a sharded (FSDP2) run's shards, which each rank then writes on its own (`Snapshot.write_rank_shards`)."""
-    return (writes_like_save_state(accelerator) or (
-        is_fsdp2(accelerator) and compat.only_dtrain_writable_state(accelerator)
-        and not accelerator.project_configuration.save_on_each_node))
+    """Whether a snapshot holds everything a node-local checkpoint needs: the state `save_state` writes (registered
+    objects included), of a full-state run or of a sharded (FSDP2) one, whose ranks then write their shards on
+    their own (`Snapshot.write_rank_shards`)."""
+    return (supports_snapshot(accelerator) and compat.snapshot_covers_state(accelerator)
+            and not accelerator.project_configuration.save_on_each_node)
 
 
 def supports_snapshot(accelerator: Accelerator) -> bool:
