@@ -1,6 +1,6 @@
 """Runs every dtrain benchmark and prints one JSON object with all ratios as the LAST line of stdout.
 
-    python benchmarks/run.py            # the full suite, sized for a 2-core CPU machine (about 8 minutes)
+    python benchmarks/run.py            # the full suite, sized for a 2-core CPU machine (about 15 minutes)
     python benchmarks/run.py --quick    # a tiny run that only checks the suite works (well under a minute or two)
     python benchmarks/run.py --gpu      # also repeats the loop and checkpoint benchmarks on the GPU, if any
 
