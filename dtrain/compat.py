@@ -94,8 +94,7 @@ def snapshot_covers_state(accelerator) -> bool:
 def only_dtrain_writable_state(accelerator) -> bool:
     """True when `save_state` would write nothing beyond models, optimizers, schedulers, scaler and RNG: no
     save-state pre-hooks, no prepared dataloaders, no registered objects."""
-    return (not accelerator._save_model_state_pre_hook  # noqa: SLF001
-            and not accelerator._dataloaders and not accelerator._custom_objects)  # noqa: SLF001
+    return snapshot_covers_state(accelerator) and not accelerator._custom_objects  # noqa: SLF001
 
 
 def reset_accelerate_state() -> None:

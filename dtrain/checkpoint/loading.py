@@ -66,12 +66,14 @@ def load_prepared_state(accelerator, path: Path) -> None:
         raise ValueError("it is a node-local checkpoint of a --sharding fsdp2 run: only a run with that sharding "
                          "and world size loads it")
     if is_fsdp2(accelerator) and (adapters or own_shards):
-        with compat.models_and_optimizers_hidden(accelerator):
-            _load_state(accelerator, path, {})  # scheduler, scaler, RNG, registered objects
         if own_shards and accelerator.process_index not in own_shards:
             raise ValueError(f"it holds the shards of rank(s) {own_shards}, not of rank {accelerator.process_index}")
+        # The shards first, as Accelerate orders it: a DCP read of every rank's shards is collective, so a rank
+        # that failed on its own files before it would leave the others waiting inside it.
         load_shards(accelerator, path / local_shards_dir(accelerator.process_index) if own_shards else path,
                     own_only=bool(own_shards))
+        with compat.models_and_optimizers_hidden(accelerator):
+            _load_state(accelerator, path, {})  # scheduler, scaler, RNG, registered objects
         return
     _load_state(accelerator, path, {"strict": False} if adapters else {})
 

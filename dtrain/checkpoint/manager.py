@@ -181,30 +181,27 @@ class CheckpointManager:
         """Commits, with the same protocol as a save, a checkpoint whose files exist elsewhere (a node-local one
         being promoted): every rank copies `names` (the files it would have written) from its own `source`
         directory into the staging dir. Call on every rank."""
-        started = time.perf_counter()
-        self.wait()
-        temp = self.commit.staging_dir(step)
-        phases = self._phases(step, temp, None)
-        phases(lambda: self._prepare(temp))
-
-        def copy() -> None:
+        def copy(temp: Path) -> None:
             for name in names:
                 (temp / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / name, temp / name)
             self._written = {}  # hashed (and fsynced) by the commit, from what was copied
 
-        phases(copy)
-        return self._commit_and_prune(step, temp, started, phases)
+        return self._commit_now(step, copy)
 
     def commit_loaded(self, step: int, trainer_state: dict[str, Any]) -> SaveReport:
         """Commits, synchronously, the state this run has just loaded, under the trainer state it was loaded with
         (its lineage included): a sharded node-local checkpoint being promoted. Call on every rank."""
+        return self._commit_now(step, lambda temp: self._write_files(temp, trainer_state, None))
+
+    def _commit_now(self, step: int, write) -> SaveReport:
+        """A synchronous commit of `step` whose files `write(temp)` puts in the staging dir (every rank)."""
         started = time.perf_counter()
         self.wait()
         temp = self.commit.staging_dir(step)
         phases = self._phases(step, temp, None)
         phases(lambda: self._prepare(temp))
-        phases(lambda: self._write_files(temp, trainer_state, None))
+        phases(lambda: write(temp))
         return self._commit_and_prune(step, temp, started, phases)
 
     def before_optimizer_step(self) -> None:

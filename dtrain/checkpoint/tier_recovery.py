@@ -31,7 +31,7 @@ from dtrain.checkpoint.layout import MANIFEST, file_owner, parse_step, read_trai
 from dtrain.checkpoint.local_tier import LocalTier, node_dir_name
 from dtrain.checkpoint.names import regular_files
 from dtrain.checkpoint.replication import exchange
-from dtrain.checkpoint.sharded import is_local_sharded, local_shard_ranks
+from dtrain.checkpoint.sharded import local_shard_ranks
 from dtrain.checkpoint.snapshot import is_fsdp2
 from dtrain.distributed import gather_objects, run_and_agree
 from dtrain.errors import CheckpointError
@@ -46,6 +46,7 @@ class TierChoice:
     step: int
     tier: str  # "local" or "peer"
     path: Path  # this node's copy, in its own tier
+    sharded: bool = False  # a sharded run's (each rank's shards on their own): promoted after it is loaded
 
 
 def holdings(tier: LocalTier, above: int | None, checksums: bool) -> list[tuple[int, int, int, bool, list[int]]]:
@@ -98,7 +99,8 @@ def choose(tier: LocalTier, persistent_step: int | None, checksums: bool) -> Tie
     for j in missing:  # the same order on every rank: one transfer at a time, between two first processes
         holder = keepers[(j, step)][0]
         _transfer(tier, j, holder, step)
-    return TierChoice(step, "peer" if missing else "local", tier.base / node_dir_name(nodes.index) / step_dir_name(step))
+    return TierChoice(step, "peer" if missing else "local", tier.base / node_dir_name(nodes.index) / step_dir_name(step),
+                      sharded_run)
 
 
 def _transfer(tier: LocalTier, owner: int, holder: int, step: int) -> None:
@@ -127,15 +129,10 @@ def needs_promotion(checkpoints, step: int) -> bool:
     return not (name in checkpoints.storage.step_names() and checkpoints.storage.verify(name).ok)
 
 
-def promotes_by_copy(choice: TierChoice) -> bool:
-    """A full-state local checkpoint is a persistent one already; a sharded one indexes each rank's shards on
-    their own, so it is promoted by saving the state once loaded (`promote_loaded`)."""
-    return not is_local_sharded(choice.path)
-
-
 def promote(checkpoints, choice: TierChoice, rank: int) -> bool:
-    """Commits the chosen local checkpoint to the persistent tier (every rank), unless it already holds it.
-    Each rank copies the files it would have written itself (its RNG file; rank 0 also the shared state)."""
+    """Commits the chosen full-state local checkpoint (a persistent one already, file by file) to the persistent
+    tier (every rank), unless it already holds it. Each rank copies the files it would have written itself (its
+    RNG file; rank 0 also the shared state). A sharded one is promoted once loaded (`promote_loaded`)."""
     name = step_dir_name(choice.step)
     if not needs_promotion(checkpoints, choice.step):
         return False

@@ -44,7 +44,8 @@ def start(trainer) -> None:
         _start_fresh(trainer)
     else:
         loaded, path, saved = _load_first_loadable(trainer, source)
-        _resume(trainer, loaded, path, saved, tier=tier)
+        # a chosen checkpoint that did not load was replaced by the persistent tier's previous one
+        _resume(trainer, loaded, path, saved, tier=tier if str(loaded) == str(source) else "persistent")
         if trainer.local_saves is not None:
             trainer.local_saves.loaded(loaded, saved)  # a sharded local checkpoint is promoted now
     checkpoints.clean_stale()  # only now: a refused start must not touch a run's leftovers

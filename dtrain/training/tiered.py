@@ -127,10 +127,10 @@ class LocalSaves:
             if refused is not None:
                 raise refused
             return persistent, "persistent"
-        if tier_recovery.promotes_by_copy(choice):
-            tier_recovery.promote(self.checkpoints, choice, trainer.accelerator.process_index)
-        else:
+        if choice.sharded:
             self.promote_after_load = choice
+        else:
+            tier_recovery.promote(self.checkpoints, choice, trainer.accelerator.process_index)
         return choice.path, choice.tier
 
     def loaded(self, source, saved: dict) -> None:
