@@ -216,7 +216,8 @@ def test_fault_on_rank_0_after_the_commit_stops_both_ranks_with_the_same_error(r
     wait_for(lambda: not any(map(is_alive, ranks.values())), timeout=60, what="both ranks to exit")
     output = output_of(launcher)
     # One error per rank (a progress bar may precede it on its line): rank 1 learnt of rank 0's failure.
-    errors = re.findall(r"dtrain: error: checkpoint step_000000040 was committed, but .*", output)
+    errors = re.findall(r"dtrain: error: checkpoint step_000000040 was committed, but [^\n]*?(?=dtrain: error:|\n|$)",
+                        output)
     assert len(errors) == 2, output[-3000:]
     assert "injected fault at retention_done" in errors[0] + errors[1]
     assert not traceback_from_dtrain(output)

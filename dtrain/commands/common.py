@@ -22,6 +22,13 @@ def is_rank_zero() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def print_error(message: str) -> None:
+    """One `dtrain: error:` line, written with a single write: the ranks share the launcher's pipe, and
+    `print` writes the text and its newline separately, so two ranks' errors could run together on one line."""
+    sys.stderr.write(f"dtrain: error: {redact.redact_uri(message)}\n")
+    sys.stderr.flush()
+
+
 def run_main(action: Callable[[], Any], on_exit: Callable[[int], None] | None = None) -> int:
     """Runs a command and maps its outcome to exit codes (0, 1, 2, 128+N); `on_exit(code)` runs last, on
     every path (an unexpected exception counts as 1).
@@ -44,10 +51,10 @@ def run_main(action: Callable[[], Any], on_exit: Callable[[int], None] | None = 
         every_rank_here, code = True, 0
     except UsageError as exc:
         if is_rank_zero():
-            print(f"dtrain: error: {redact.redact_uri(str(exc))}", file=sys.stderr)
+            print_error(str(exc))
         code = exc.exit_code
     except CheckpointError as exc:
-        print(f"dtrain: error: {redact.redact_uri(str(exc))}", file=sys.stderr)
+        print_error(str(exc))
         code = exc.exit_code
     except Interrupted as exc:
         every_rank_here, code = True, exc.exit_code
@@ -58,9 +65,9 @@ def run_main(action: Callable[[], Any], on_exit: Callable[[int], None] | None = 
         sys.stderr.write(redact.redact_uri(traceback.format_exc()))
         if _is_lost_peer(exc):
             first_line = (str(exc).splitlines() or [""])[0][:300]
-            print(redact.redact_uri(f"dtrain: error: rank {os.environ.get('RANK', '?')} lost contact with another "
-                                    f"rank ({type(exc).__name__}: {first_line}); stopping without saving: committed "
-                                    f"checkpoints are intact, resume with --resume latest"), file=sys.stderr)
+            print_error(f"rank {os.environ.get('RANK', '?')} lost contact with another rank ({type(exc).__name__}: "
+                        f"{first_line}); stopping without saving: committed checkpoints are intact, resume with "
+                        f"--resume latest")
     finally:
         if on_exit is not None:
             on_exit(code)  # before leaving: a rank whose peer is gone leaves with os._exit below
