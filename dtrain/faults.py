@@ -6,8 +6,9 @@
     DTRAIN_FAULT_RANK=R               only on rank R (default: every rank)
     DTRAIN_FAULT_AFTER_SAVES=N        save points only: in the first save after N saves of this process
 
-The points of a save are listed by each commit (local_commit.STAGES, store_commit.STAGES); `exit_barrier` is
-reached just before the ranks' last barrier. Unset, every check is a dictionary lookup.
+The points of a save are listed by each commit (local_commit.STAGES, store_commit.STAGES), after `host_copied`
+(a save's snapshot of the state is taken, before any file is written); `exit_barrier` is reached just before the
+ranks' last barrier. Unset, every check is a dictionary lookup.
 """
 
 from __future__ import annotations

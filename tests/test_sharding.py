@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import sys
@@ -267,14 +268,16 @@ def test_ten_kill_9s_under_fsdp2_half_inside_saves_break_nothing_and_the_end_is_
         if kill % 2:  # inside the second save of this start, at each stage of the commit in turn, on one rank
             stage = STAGES[(kill // 2) % len(STAGES)]
             rank = "1" if stage in ("temp_created", "state_written") and kill % 4 == 1 else "0"
-            proc = runner.start(fsdp_launch(*args), cwd=REPO, DTRAIN_FAULT_AT=stage, DTRAIN_FAULT_AFTER_SAVES="1",
-                                DTRAIN_FAULT_RANK=rank)
+            # The second save of this start, unless the run is so near its end that only one is left.
+            after_saves = "1" if before < 39 else "0"
+            proc = runner.start(fsdp_launch(*args), cwd=REPO, DTRAIN_FAULT_AT=stage,
+                                DTRAIN_FAULT_AFTER_SAVES=after_saves, DTRAIN_FAULT_RANK=rank)
             output, _ = proc.communicate(timeout=180)
             assert proc.returncode != 0 and "SIGKILL" in output, f"kill {kill} at {stage}: {output[-3000:]}"
         else:  # at whatever moment the run is in once it has committed one more step
             proc = runner.start(fsdp_launch(*args), cwd=REPO)
-            wait_for(lambda: latest_step() > before or proc.poll() is not None, timeout=180,
-                     what=f"a new checkpoint after kill {kill}")
+            wait_for(lambda: latest_step() > before or proc.poll() is not None, timeout=180, interval=0.02,
+                     what=f"a new checkpoint after kill {kill}")  # killed soon after: the run must outlast 10 kills
             assert proc.poll() is None, proc.communicate()[0][-3000:]
             runner.kill(proc)
             proc.communicate(timeout=60)
@@ -312,6 +315,23 @@ def test_async_sharded_saves_equal_synchronous_ones_and_a_kill_mid_write_keeps_t
         rows = compare_checkpoints(reference / "checkpoints" / name, checkpoints / name)
         assert [row for row in rows if not row[1]] == [], name
     assert state_of(checkpoints / "step_000000040")["async"] is True
+
+
+def test_a_rank_failing_before_the_collective_shard_write_stops_both_ranks_at_once(runner, tmp_path):
+    from dtrain.checkpoint.layout import read_pointer
+
+    out = tmp_path / "async"
+    # Rank 0's host copy of the second save fails in the background; rank 1 must not go on into DCP's collective
+    # write, where it would wait for rank 0 until the collective timeout (600 s by default, far past this test's).
+    result = runner.run(fsdp_launch(*RUN, "--async-save", "--output-dir", str(out)), cwd=REPO, timeout=240,
+                        DTRAIN_FAULT_AT="host_copied:raise", DTRAIN_FAULT_RANK="0", DTRAIN_FAULT_AFTER_SAVES="1")
+    assert result.returncode == 1, result.stdout[-3000:]
+    errors = re.findall(r"dtrain: error: saving checkpoint step_000000020 failed [^\n]*?(?=dtrain: error:|\n|$)",
+                        result.stdout)
+    assert len(errors) == 2, result.stdout[-3000:]  # one per rank
+    assert any("OSError: injected fault at host_copied" in error for error in errors), errors
+    assert read_pointer(out / "checkpoints", "latest") == "step_000000010"
+    assert not list((out / "checkpoints").glob(".tmp-*")) and not (out / "checkpoints" / "step_000000020").exists()
 
 
 def test_evaluation_under_fsdp2_matches_data_parallel(straight, unsharded):

@@ -160,7 +160,7 @@ class CheckpointManager:
             self._registered_checked = True
         phases(lambda: self._prepare(temp))
         if not self.async_save:
-            phases(lambda: self._write_files(temp, state, None))
+            self._write_files(temp, state, phases)
             return self._commit_and_prune(step, temp, started, phases)
         # Parameters and optimizer state are copied by the background thread while the loop runs the next
         # forward/backward; before_optimizer_step() holds the loop only if that copy is not done by then.
@@ -187,21 +187,22 @@ class CheckpointManager:
                 shutil.copyfile(source / name, temp / name)
             self._written = {}  # hashed (and fsynced) by the commit, from what was copied
 
-        return self._commit_now(step, copy)
+        return self._commit_now(step, lambda temp, phases: phases(lambda: copy(temp)))
 
     def commit_loaded(self, step: int, trainer_state: dict[str, Any]) -> SaveReport:
         """Commits, synchronously, the state this run has just loaded, under the trainer state it was loaded with
         (its lineage included): a sharded node-local checkpoint being promoted. Call on every rank."""
-        return self._commit_now(step, lambda temp: self._write_files(temp, trainer_state, None))
+        return self._commit_now(step, lambda temp, phases: self._write_files(temp, trainer_state, phases))
 
     def _commit_now(self, step: int, write) -> SaveReport:
-        """A synchronous commit of `step` whose files `write(temp)` puts in the staging dir (every rank)."""
+        """A synchronous commit of `step` whose files `write(temp, phases)` puts in the staging dir, in phases
+        (every rank)."""
         started = time.perf_counter()
         self.wait()
         temp = self.commit.staging_dir(step)
         phases = self._phases(step, temp, None)
         phases(lambda: self._prepare(temp))
-        phases(lambda: write(temp))
+        write(temp, phases)
         return self._commit_and_prune(step, temp, started, phases)
 
     def before_optimizer_step(self) -> None:
@@ -220,27 +221,42 @@ class CheckpointManager:
 
     def _save_in_background(self, step: int, temp: Path, state: dict[str, Any], snapshot: Snapshot,
                             copied: threading.Event, started: float) -> SaveReport:
-        def copy_and_write() -> None:
+        def copy() -> None:
             try:
                 self._copier.copy_deferred()
             finally:
                 copied.set()  # also on failure: the loop must not wait forever (the error comes with the report)
-            self._write_files(temp, state, snapshot)
+            self._reached("host_copied")
 
         phases = self._phases(step, temp, self._side_group)
-        phases(copy_and_write)
+        phases(copy)
+        self._write_files(temp, state, phases, snapshot)
         return self._commit_and_prune(step, temp, started, phases, blocking=0.0)
 
     def _prepare(self, temp: Path) -> None:
         self.commit.prepare(temp)
         self._reached("temp_created")
 
-    def _write_files(self, temp: Path, state: dict[str, Any], snapshot: Snapshot | None) -> None:
+    def _write_files(self, temp: Path, state: dict[str, Any], phases: Phases, snapshot: Snapshot | None = None) -> None:
         """Writes this rank's files in one pass (hashed while written, fsynced: the commit need not re-read
-        them) when a snapshot covers what save_state writes; otherwise through save_state itself."""
-        files: list[tuple[str, str, Any]] = []
+        them) when a snapshot covers what save_state writes; otherwise through save_state itself.
+
+        The snapshot (taken here unless given) and the writing are agreed phases of their own: the shards' write
+        is collective, and a rank that failed before it must tell the others, or they would wait inside DCP's
+        write until the collective timeout."""
         if snapshot is None and writes_like_save_state(self.accelerator):
-            snapshot = take_snapshot(self.accelerator, None)  # references: the loop waits for this save
+            taken: list[Snapshot] = []
+
+            def take() -> None:
+                taken.append(take_snapshot(self.accelerator, None))  # references: the loop waits for this save
+                self._reached("host_copied")
+
+            phases(take)
+            snapshot = taken[0]
+        phases(lambda: self._write_snapshot(temp, state, snapshot))
+
+    def _write_snapshot(self, temp: Path, state: dict[str, Any], snapshot: Snapshot | None) -> None:
+        files: list[tuple[str, str, Any]] = []
         if snapshot is None:
             self.accelerator.save_state(str(temp))
         else:
