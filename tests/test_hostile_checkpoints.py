@@ -219,6 +219,26 @@ GARBLED_STATES = {
     "lr plan a string": '{"global_step": 10, "lr_plan": "fast"}',
     "data position a list": '{"global_step": 10, "data_position": [0]}',
     "run id a number": '{"global_step": 10, "run_id": 12}',
+    # inside the objects: what the data order, the lr plan and the resume certificate read
+    "data position samples a string": '{"global_step": 10, "data_position": {"kind": "map", "samples": "x"}}',
+    "stream ranks a string": '{"global_step": 10, "data_position": {"kind": "stream", "ranks": "x"}}',
+    "stream rank without micro-batches": '{"global_step": 10, "data_position": {"kind": "stream", "ranks": [{}]}}',
+    "lr plan negative warm-up": '{"global_step": 10, "lr_plan": {"total_steps": 9, "warmup_steps": -1, '
+                                '"min_lr_ratio": 0.1}}',
+    "lr plan without total steps": '{"global_step": 10, "lr_plan": {"warmup_steps": 1, "min_lr_ratio": 0.1}}',
+    "certificate ranks numbers": '{"global_step": 10, "resume_certificate": {"format": "f", "ranks": [1]}}',
+    "certificate digest a number": '{"global_step": 10, "resume_certificate": {"format": "f", "ranks": '
+                                   '[{"rng": 5}]}}',
+}
+
+VALID_INNER_STATES = {
+    "map": {"data_position": {"kind": "map", "resume": "order", "epoch": 0, "samples": 160, "shuffle": True}},
+    "stream": {"data_position": {"kind": "stream", "resume": "state", "epoch": 1, "world_size": 2,
+                                 "replay_reason": None, "ranks": [{"micro_batches": 3, "state": {"any": [1, "x"]}},
+                                                                  {"micro_batches": 3, "state": None}]}},
+    "plan and certificate": {"lr_plan": {"total_steps": 10, "warmup_steps": 0, "min_lr_ratio": 0},
+                             "resume_certificate": {"format": "dtrain-resume-certificate/1", "world_size": 1,
+                                                    "ranks": [{"next_batch": "ab", "rng": "cd", "lr": "ef"}]}},
 }
 
 
@@ -231,6 +251,14 @@ def test_a_garbled_or_mistyped_trainer_state_makes_the_checkpoint_damaged(tmp_pa
     assert not check.ok and "trainer_state.json" in check.reason, check.reason
     with pytest.raises(ValueError):
         read_trainer_state(checkpoint)
+
+
+@pytest.mark.parametrize("kind", sorted(VALID_INNER_STATES))
+def test_the_objects_a_run_writes_into_its_trainer_state_pass_the_checks(tmp_path, kind):
+    checkpoint = make_checkpoint(tmp_path / "checkpoints", 10)
+    (checkpoint / TRAINER_STATE).write_text(json.dumps({"global_step": 10, **VALID_INNER_STATES[kind]}))
+    write_manifest(checkpoint, 10)
+    assert verify_checkpoint(checkpoint, checksums=True).ok
 
 
 def test_a_nan_metric_that_a_diverged_run_recorded_is_still_a_checkpoint(tmp_path):

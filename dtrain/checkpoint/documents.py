@@ -94,6 +94,53 @@ _OPTIONAL_OBJECTS = ("config", "checkpoint_metric", "last_eval", "shape", "data_
 _OPTIONAL_FLAGS = ("stopped_early", "async")
 
 
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_list_of(entry_problem) -> Any:
+    return lambda value: isinstance(value, list) and all(entry_problem(entry) for entry in value)
+
+
+# The fields inside the trainer state's objects that dtrain reads: field -> (check, what it must be). A field that
+# is absent or null is left to its reader's default, except where `_REQUIRED` names it.
+_INNER_FIELDS: dict[str, dict[str, tuple[Any, str]]] = {
+    "data_position": {
+        "kind": (_is_text, "a string"), "resume": (_is_text, "a string"), "epoch": (is_count, "a non-negative integer"),
+        "samples": (is_count, "a non-negative integer"), "world_size": (is_count, "a non-negative integer"),
+        "shuffle": (lambda v: isinstance(v, bool), "true or false"), "replay_reason": (_is_text, "a string"),
+        # a stream's ranks: each its micro-batches consumed and its loader's own (JSON) state
+        "ranks": (_is_list_of(lambda r: isinstance(r, dict) and is_count(r.get("micro_batches"))),
+                  "a list of {micro_batches, state}"),
+    },
+    "lr_plan": {
+        "total_steps": (is_count, "a non-negative integer"), "warmup_steps": (is_count, "a non-negative integer"),
+        "min_lr_ratio": (_is_number, "a number"),
+    },
+    "resume_certificate": {
+        "format": (_is_text, "a string"), "world_size": (is_count, "a non-negative integer"),
+        "ranks": (_is_list_of(lambda r: isinstance(r, dict) and all(_is_text(v) for v in r.values())),
+                  "a list of objects of digests"),
+    },
+}
+_REQUIRED = {"lr_plan": ("total_steps", "warmup_steps", "min_lr_ratio"), "resume_certificate": ("format",)}
+
+
+def _inner_problem(state: dict) -> str | None:
+    """Why a field inside data_position, lr_plan or resume_certificate is not what dtrain reads there, or None."""
+    for section, fields in _INNER_FIELDS.items():
+        inner = state.get(section)
+        if inner is None:
+            continue
+        for key in _REQUIRED.get(section, ()):
+            if inner.get(key) is None:
+                return f"trainer_state.json has a {section} without {key}"
+        for key, (check, expected) in fields.items():
+            if inner.get(key) is not None and not check(inner[key]):
+                return f"trainer_state.json has {section}.{key} = {str(inner[key])[:40]}, not {expected}"
+    return None
+
+
 def trainer_state_problem(state: Any) -> str | None:
     """Why a parsed trainer_state.json does not hold the types dtrain reads from it, or None."""
     if not isinstance(state, dict):
@@ -133,7 +180,7 @@ def trainer_state_problem(state: Any) -> str | None:
             isinstance(a, dict) and is_count(a.get("step")) and isinstance(a.get("run_id"), (str, type(None)))
             for a in ancestry)):
         return "trainer_state.json has an ancestry that is not a list of {run_id, step}"
-    return None
+    return _inner_problem(state)
 
 
 def parse_trainer_state(data: bytes | str) -> dict:
