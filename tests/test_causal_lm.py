@@ -345,18 +345,11 @@ def test_bad_causal_lm_settings_name_the_field(values, field):
 
 # ------------------------------------------------------------------------------------------- sharded (FSDP2)
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind,tied,streaming", [("gpt2", True, False), ("llama", False, True)],
-                         ids=["gpt2-tied", "llama-streaming"])
-def test_sharded_sigterm_resume_is_exact_and_exports_a_whole_hf_model(runner, tmp_path, kind, tied, streaming):
-    from dtrain.checkpoint.sharded import model_state
-    from dtrain.commands.cli import main as dtrain_main
+def sharded_stop_and_resume_is_exact(runner, args: list[str], tmp_path: Path) -> Path:
+    """Runs `args` on 2 ranks under FSDP2 straight through and, beside it, stopped by SIGTERM at step 5 and resumed;
+    asserts both end bit for bit alike (weights, optimizer, RNG). Returns the stopped run's output dir."""
     from dtrain.commands.verify_resume import compare_checkpoints
 
-    data = write_corpus(tmp_path / "text", files=4)
-    config = write_model_config(tmp_path / "config.json", kind, tied)
-    args = [*TINY, "--model-config", str(config), "--data", str(data), "--sharding", "fsdp2",
-            *(["--streaming"] if streaming else [])]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     straight_run = runner.start(train_cmd(*args, "--output-dir", str(straight), processes=2), cwd=REPO)
     output = run_interrupted_at(runner, train_cmd(*args, "--output-dir", str(stopped), processes=2), stopped, 5, 2)
@@ -367,7 +360,22 @@ def test_sharded_sigterm_resume_is_exact_and_exports_a_whole_hf_model(runner, tm
                          cwd=REPO)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     rows = compare_checkpoints(final_checkpoint(straight), final_checkpoint(stopped))
-    assert [name for name, same, _ in rows if not same] == []  # weights, optimizer, RNG: bit for bit
+    assert [name for name, same, _ in rows if not same] == []
+    return stopped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,tied,streaming", [("gpt2", True, False), ("llama", False, True)],
+                         ids=["gpt2-tied", "llama-streaming"])
+def test_sharded_sigterm_resume_is_exact_and_exports_a_whole_hf_model(runner, tmp_path, kind, tied, streaming):
+    from dtrain.checkpoint.sharded import model_state
+    from dtrain.commands.cli import main as dtrain_main
+
+    data = write_corpus(tmp_path / "text", files=4)
+    config = write_model_config(tmp_path / "config.json", kind, tied)
+    args = [*TINY, "--model-config", str(config), "--data", str(data), "--sharding", "fsdp2",
+            *(["--streaming"] if streaming else [])]
+    stopped = sharded_stop_and_resume_is_exact(runner, args, tmp_path)
 
     out = tmp_path / "exported"
     assert dtrain_main(["ckpt", "export", str(stopped), "--format", "hf", "--out", str(out)]) == 0

@@ -19,7 +19,8 @@ peft = pytest.importorskip("peft")
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from test_causal_lm import TINY, model_config, one_error_line, run_interrupted_at, write_corpus  # noqa: E402
+from test_causal_lm import (TINY, model_config, one_error_line, run_interrupted_at,  # noqa: E402
+                            sharded_stop_and_resume_is_exact, write_corpus)
 from test_instruction_data import prompt_completion_records, tokenizer_dir, write_records  # noqa: E402
 
 from dtrain.config import build_config  # noqa: E402
@@ -77,22 +78,11 @@ def test_lora_sigterm_and_resume_is_bit_identical_to_a_straight_run(runner, tmp_
 @pytest.mark.slow
 def test_sharded_lora_run_saves_only_the_adapter_and_resumes_exactly(runner, tmp_path):
     from dtrain.checkpoint.sharded import model_state
-    from dtrain.commands.verify_resume import compare_checkpoints
 
     base = base_model_dir(tmp_path / "base")
     args = [*TINY, *LORA, "--model", str(base), "--data", str(write_corpus(tmp_path / "text")), "--sharding",
             "fsdp2"]
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    straight_run = runner.start(train_cmd(*args, "--output-dir", str(straight), processes=2), cwd=REPO)
-    output = run_interrupted_at(runner, train_cmd(*args, "--output-dir", str(stopped), processes=2), stopped, 5, 2)
-    assert "sharded with FSDP2 over 2 ranks" in output
-    output, _ = straight_run.communicate(timeout=180)
-    assert straight_run.returncode == 0, output[-3000:]
-    resumed = runner.run(train_cmd(*args, "--output-dir", str(stopped), "--resume", "latest", processes=2),
-                         cwd=REPO)
-    assert resumed.returncode == 0, resumed.stdout[-3000:]
-    rows = compare_checkpoints(final_checkpoint(straight), final_checkpoint(stopped))
-    assert [name for name, same, _ in rows if not same] == []
+    stopped = sharded_stop_and_resume_is_exact(runner, args, tmp_path)
     names = sorted(model_state(final_checkpoint(stopped)))
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names), names
 
