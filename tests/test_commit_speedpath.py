@@ -141,19 +141,19 @@ def test_a_file_changed_after_it_was_hashed_is_hashed_again_from_disk(tmp_path, 
 
     accelerator, *_ = _prepared()
     manager = CheckpointManager(accelerator, tmp_path / "checkpoints", async_save=async_save)
-    original = manager_module.CheckpointManager._write_files
+    original = manager_module.CheckpointManager._write_snapshot
 
     def write_then_append(self, temp, state, snapshot):
         original(self, temp, state, snapshot)
         with open(temp / "trainer_state.json", "a") as f:  # a size the writer did not see
             f.write("\n")
 
-    manager_module.CheckpointManager._write_files = write_then_append
+    manager_module.CheckpointManager._write_snapshot = write_then_append
     try:
         manager.save(5, {"global_step": 5})
         report = manager.wait() if async_save else None
     finally:
-        manager_module.CheckpointManager._write_files = original
+        manager_module.CheckpointManager._write_snapshot = original
     path = tmp_path / "checkpoints" / "step_000000005"
     assert verify_checkpoint(path, checksums=True).ok
     assert report is None or report.step == 5
