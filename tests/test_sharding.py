@@ -250,6 +250,7 @@ def test_a_crafted_dcp_index_is_refused_on_resume_and_runs_nothing(runner, strai
 
 
 def test_ten_kill_9s_under_fsdp2_half_inside_saves_break_nothing_and_the_end_is_exact(runner, straight, tmp_path):
+    from conftest import trainer_pids
     from dtrain.checkpoint.layout import read_pointer, verify_checkpoint
     from dtrain.checkpoint.local_commit import STAGES
     from dtrain.commands.verify_resume import compare_checkpoints
@@ -268,19 +269,24 @@ def test_ten_kill_9s_under_fsdp2_half_inside_saves_break_nothing_and_the_end_is_
         if kill % 2:  # inside the second save of this start, at each stage of the commit in turn, on one rank
             stage = STAGES[(kill // 2) % len(STAGES)]
             rank = "1" if stage in ("temp_created", "state_written") and kill % 4 == 1 else "0"
-            # The second save of this start, unless the run is so near its end that only one is left.
-            after_saves = "1" if before < 39 else "0"
-            proc = runner.start(fsdp_launch(*args), cwd=REPO, DTRAIN_FAULT_AT=stage,
-                                DTRAIN_FAULT_AFTER_SAVES=after_saves, DTRAIN_FAULT_RANK=rank)
+            proc = runner.start(fsdp_launch(*args), cwd=REPO, DTRAIN_FAULT_AT=stage, DTRAIN_FAULT_AFTER_SAVES="1",
+                                DTRAIN_FAULT_RANK=rank)
             output, _ = proc.communicate(timeout=180)
             assert proc.returncode != 0 and "SIGKILL" in output, f"kill {kill} at {stage}: {output[-3000:]}"
         else:  # at whatever moment the run is in once it has committed one more step
             proc = runner.start(fsdp_launch(*args), cwd=REPO)
+            wait_for(lambda: len(trainer_pids(out)) == 2 or proc.poll() is not None, timeout=180, what="both ranks")
+            ranks = trainer_pids(out)
             wait_for(lambda: latest_step() > before or proc.poll() is not None, timeout=180, interval=0.02,
-                     what=f"a new checkpoint after kill {kill}")  # killed soon after: the run must outlast 10 kills
+                     what=f"a new checkpoint after kill {kill}")
             assert proc.poll() is None, proc.communicate()[0][-3000:]
+            # Every process at once: the ranks run in their own session, and killed alone the launcher would
+            # leave them to save and exit by themselves (a clean stop, not this test's crash).
+            for pid in ranks.values():
+                os.kill(pid, signal.SIGKILL)
             runner.kill(proc)
             proc.communicate(timeout=60)
+        print(f"kill {kill}: latest step {before} -> {latest_step()}")
         names = [p.name for p in checkpoints.iterdir() if p.is_dir() and not p.name.startswith(".")]
         assert all(verify_checkpoint(checkpoints / name, checksums=True).ok for name in names), kill
         assert read_pointer(checkpoints, "latest") in names, kill
