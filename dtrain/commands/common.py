@@ -109,8 +109,8 @@ def _close_process_group(every_rank_here: bool) -> bool:
         # Nobody tears the group down while a peer may still be talking to it (a gloo rank whose peer closed
         # its sockets first was seen to abort at exit); a peer that does not come within the bound is gone.
         if not bounded_barrier(exit_barrier_seconds()):
-            print(f"dtrain: rank {dist.get_rank()}: another rank did not reach the end within "
-                  f"{exit_barrier_seconds():.0f}s; leaving without waiting for it", file=sys.stderr)
+            sys.stderr.write(f"dtrain: rank {dist.get_rank()}: another rank did not reach the end within "
+                             f"{exit_barrier_seconds():.0f}s; leaving without waiting for it\n")  # one write
             return False
     dist.destroy_process_group()
     return True
